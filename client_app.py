@@ -1,0 +1,71 @@
+"""pflower ClientApp: load the partition and the personal state, run the method's client half."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from strategies import lookup
+from strategies.base import ARRAYS, CONFIG, METRICS
+from strategies.client_base import ClientMethod
+from task.config import compose_config
+from task.data import load_federation
+from task.device import resolve_device
+from task.params import from_record, to_record
+from task.state import PersonalState
+
+app = ClientApp()
+
+
+def client_id(context: Context) -> int:
+    """The client's long-lived identity: its partition id from the node config."""
+    if "partition-id" not in context.node_config:
+        raise KeyError("node config has no 'partition-id': start the SuperNode with "
+                       "--node-config 'partition-id=<i> num-partitions=<n>'")
+    return int(context.node_config["partition-id"])
+
+
+def client_method(context: Context) -> ClientMethod:
+    """The method's client half for this node, over cached data and its personal state."""
+    cfg = compose_config(str(context.run_config.get("overrides", "")))
+    if (cfg.device == "cpu" or not torch.cuda.is_available()) and int(cfg.client_threads) > 0:
+        torch.set_num_threads(int(cfg.client_threads))
+    device = resolve_device(str(cfg.device))
+    cid = client_id(context)
+    federation = load_federation(cfg, device)
+    _, client_cls = lookup(cfg.strategy.name)
+    return client_cls(cfg, cid, federation, PersonalState(context, cid, device), device)
+
+
+def _received(msg: Message, device: torch.device) -> tuple[dict, dict]:
+    content = msg.content
+    arrays = content.array_records.get(ARRAYS, ArrayRecord())
+    return from_record(arrays, device), dict(content.config_records[CONFIG])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which client this node is (its partition id)."""
+    cid = client_id(context)
+    partitions = int(context.node_config.get("num-partitions", 0))
+    metrics = MetricRecord({"partition-id": cid, "num-partitions": partitions})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    method = client_method(context)
+    received, config = _received(msg, method.device)
+    result = method.train(received, config)
+    metrics = MetricRecord({**result.metrics, "num-examples": result.num_examples})
+    return Message(RecordDict({ARRAYS: to_record(result.upload), METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    method = client_method(context)
+    received, config = _received(msg, method.device)
+    scores = method.evaluate(received, config)
+    metrics = MetricRecord({**scores, "num-examples": method.data.num_test})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)

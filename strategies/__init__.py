@@ -1,0 +1,28 @@
+"""One module per method; the registry maps the config's strategy name to both halves."""
+
+from __future__ import annotations
+
+from .base import PFLStrategy
+from .client_base import ClientMethod
+from .ditto import Ditto, DittoClient
+from .fedavg import FedAvg, FedAvgClient
+from .fedavg_ft import FedAvgFT, FedAvgFTClient
+from .fedbn import FedBN, FedBNClient
+from .fedprox import FedProx, FedProxClient
+from .local import Local, LocalClient
+
+REGISTRY: dict[str, tuple[type[PFLStrategy], type[ClientMethod]]] = {
+    "fedavg": (FedAvg, FedAvgClient),
+    "fedavg_ft": (FedAvgFT, FedAvgFTClient),
+    "fedprox": (FedProx, FedProxClient),
+    "fedbn": (FedBN, FedBNClient),
+    "local": (Local, LocalClient),
+    "ditto": (Ditto, DittoClient),
+}
+
+
+def lookup(name: str) -> tuple[type[PFLStrategy], type[ClientMethod]]:
+    """Both halves of the method ``name``; a clear error lists the valid names."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown strategy {name!r}; valid: {sorted(REGISTRY)}")
+    return REGISTRY[name]

@@ -1,0 +1,417 @@
+"""The server half every method shares: clients, per-node messages, validation, the round loop.
+
+A ``PFLStrategy`` is a Flower ``Strategy`` (``flwr.serverapp.strategy``) whose messages are
+built per client: each sampled client can get its own arrays (its cluster's model, its
+personal mix, factors of a low-rank model) and its own config values. Subclasses override
+small steps:
+
+- ``train_arrays(cid, round)`` / ``train_config(cid, round)``: what client ``cid`` is sent;
+- ``expected_upload(cid)``: keys, shapes and dtypes a valid reply must carry;
+- ``aggregate_replies(round, replies)``: update the server state from the valid replies;
+- ``eval_arrays(cid)``: what a client needs to score its personal model;
+- ``round_metrics(round)``: extra per-round values for metrics.jsonl.
+
+Client identity is the ``partition-id`` each ClientApp reports (a "query" message at start
+and whenever an unknown node appears), never the Flower node id, which changes when a node
+reconnects. Sampling draws from the sorted client ids with a NumPy generator seeded by the
+run's seed, so every strategy sees the same sampling sequence.
+
+Every reply is validated before aggregation; a bad one is dropped, logged with its reason
+and counted in ``rejected_replies``. The round loop pushes and pulls messages itself with a
+short, backing-off poll (Flower 1.41's ``send_and_receive`` sleeps 3 s between polls).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from omegaconf import DictConfig
+
+from task.params import StateDict, from_record, model_state, to_record, weighted_mean
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+POLL_START_S = 0.005
+POLL_MAX_S = 0.2
+
+
+@dataclass
+class ClientInfo:
+    """What the server knows of a client: its node, and its partition's sizes."""
+
+    cid: int
+    node_id: int
+    num_train: int
+    num_test: int
+
+
+@dataclass
+class TrainReply:
+    """One validated training reply."""
+
+    cid: int
+    arrays: StateDict
+    num_examples: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundStats:
+    """Per-round communication and failure counters."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected_replies: int = 0
+    late_replies: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def reject(self, cid: int | None, reason: str) -> None:
+        self.rejected_replies += 1
+        self.reasons.append(f"client {cid}: {reason}")
+        log(WARNING, "rejected reply from client %s: %s", cid, reason)
+
+
+def array_spec(state: StateDict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Keys, shapes and numpy dtype names of a state dict: what a reply must match."""
+    return {k: (tuple(v.shape), str(v.detach().cpu().numpy().dtype)) for k, v in state.items()}
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], int]:
+    """Push ``messages``, pull replies with a short backing-off poll; return (replies, late).
+
+    ``late`` counts messages with no reply within ``timeout`` seconds; their replies, if any
+    come later, are never read.
+    """
+    if not messages:
+        return [], 0
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    delay = POLL_START_S
+    while pending and time.monotonic() < deadline:
+        got = [r for r in grid.pull_messages(list(pending))
+               if r.metadata.reply_to_message_id in pending]
+        for reply in got:
+            pending.discard(reply.metadata.reply_to_message_id)
+        replies += got
+        if got:
+            delay = POLL_START_S
+        else:
+            time.sleep(delay)
+            delay = min(delay * 1.5, POLL_MAX_S)
+    return replies, len(pending)
+
+
+class PFLStrategy(Strategy):
+    """Shared server half of every pflower method (FedAvg's behaviour by default)."""
+
+    name: ClassVar[str] = ""
+    # Whether a single global model exists whose accuracy the clients can report.
+    has_global_model: ClassVar[bool] = True
+
+    def __init__(self, cfg: DictConfig, initial_state: StateDict, partition_sizes: list[tuple[int, int]]):
+        self.cfg = cfg
+        self.global_state: StateDict = {k: v.clone() for k, v in initial_state.items()}
+        self.partition_sizes = partition_sizes
+        self.num_clients = len(partition_sizes)
+        self.clients: dict[int, ClientInfo] = {}
+        self.rng = np.random.default_rng(int(cfg.seed))
+        self.stats = RoundStats()
+        self._sent_specs: dict[int, dict] = {}
+
+    @classmethod
+    def from_model(cls, cfg: DictConfig, model: torch.nn.Module,
+                   partition_sizes: list[tuple[int, int]]) -> PFLStrategy:
+        """The strategy for a run whose initial model is ``model``."""
+        return cls(cfg, model_state(model), partition_sizes)
+
+    # --- steps a method overrides -----------------------------------------------------
+    def train_arrays(self, cid: int, server_round: int) -> StateDict:
+        """Arrays sent to client ``cid`` for training (default: the global model)."""
+        return self.global_state
+
+    def train_config(self, cid: int, server_round: int) -> dict[str, Any]:
+        """Per-client config values sent with the training message."""
+        return {}
+
+    def expected_upload(self, cid: int, sent: StateDict) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Keys, shapes and dtypes a valid reply carries (default: what was sent)."""
+        return array_spec(sent)
+
+    def aggregate_replies(self, server_round: int, replies: list[TrainReply]) -> None:
+        """Update the server state (default: w_g <- sum_j p_j w_j over the replies)."""
+        merged = weighted_mean([r.arrays for r in replies], [r.num_examples for r in replies])
+        self.global_state.update(merged)
+
+    def eval_arrays(self, cid: int) -> StateDict:
+        """Arrays a client needs to score its personal model (default: the global model)."""
+        return self.global_state
+
+    def round_metrics(self, server_round: int) -> dict[str, Any]:
+        """Extra per-round values written to metrics.jsonl."""
+        return {}
+
+    # --- clients and sampling ---------------------------------------------------------
+    def discover(self, grid: Grid, timeout: float) -> None:
+        """Learn which client (partition id) each connected node serves."""
+        deadline = time.monotonic() + timeout
+        while True:
+            known = {c.node_id for c in self.clients.values()}
+            unknown = [n for n in grid.get_node_ids() if n not in known]
+            if unknown:
+                self._query(grid, unknown, max(1.0, deadline - time.monotonic()))
+            if len(self.clients) >= self.num_clients or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if len(self.clients) < self.num_clients:
+            missing = sorted(set(range(self.num_clients)) - set(self.clients))
+            raise RuntimeError(
+                f"{len(self.clients)} of {self.num_clients} clients connected after {timeout:.0f}s; "
+                f"missing partition ids {missing[:20]}. In simulation, run with "
+                f"--federation-config 'num-supernodes={self.num_clients}'.")
+
+    def _query(self, grid: Grid, node_ids: list[int], timeout: float) -> None:
+        messages = [Message(RecordDict({CONFIG: ConfigRecord({"query": "identity"})}),
+                            dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        replies, _ = exchange(grid, messages, timeout)
+        for reply in replies:
+            if reply.has_error() or METRICS not in reply.content.metric_records:
+                continue
+            m = reply.content.metric_records[METRICS]
+            cid, partitions = int(m["partition-id"]), int(m["num-partitions"])
+            if partitions != self.num_clients:
+                raise RuntimeError(
+                    f"node {reply.metadata.src_node_id} says num-partitions={partitions} but the "
+                    f"config's federation has {self.num_clients} clients. In simulation, run "
+                    f"with --federation-config 'num-supernodes={self.num_clients}'.")
+            if not 0 <= cid < self.num_clients:
+                raise RuntimeError(f"node reported partition-id {cid} outside 0..{self.num_clients - 1}")
+            num_train, num_test = self.partition_sizes[cid]
+            self.clients[cid] = ClientInfo(cid, reply.metadata.src_node_id, num_train, num_test)
+
+    def sample(self, server_round: int) -> list[int]:
+        """Client ids sampled for training this round (seeded, strategy-independent)."""
+        size = max(1, min(self.num_clients, round(float(self.cfg.fraction_train) * self.num_clients)))
+        return sorted(int(c) for c in self.rng.choice(self.num_clients, size=size, replace=False))
+
+    # --- Flower Strategy API ----------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """One message per sampled client, with that client's own arrays and config."""
+        self._sent_specs = {}
+        records: dict[int, ArrayRecord] = {}
+        messages = []
+        for cid in self.sample(server_round):
+            sent = self.train_arrays(cid, server_round)
+            self._sent_specs[cid] = self.expected_upload(cid, sent)
+            record = records.setdefault(id(sent), to_record(sent))
+            self.stats.bytes_down += record.count_bytes()
+            cfg = ConfigRecord({**dict(config), **self.train_config(cid, server_round),
+                                "server-round": server_round})
+            messages.append(self._message(cid, record, cfg, MessageType.TRAIN))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, aggregate the valid ones, return the global model and loss."""
+        valid = [r for r in (self.validate_train_reply(m) for m in replies) if r is not None]
+        if len(valid) < int(self.cfg.min_replies):
+            log(WARNING, "round %s: %s valid replies < min_replies=%s; round skipped",
+                server_round, len(valid), self.cfg.min_replies)
+            return None, None
+        self.aggregate_replies(server_round, valid)
+        total = sum(r.num_examples for r in valid)
+        loss = sum(r.metrics.get("train_loss", 0.0) * r.num_examples for r in valid) / total
+        metrics = MetricRecord({"train_loss": loss, "num-replies": len(valid)})
+        return (to_record(self.global_state) if self.has_global_model else None), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Every client scores its personal model on its own test split."""
+        records: dict[int, ArrayRecord] = {}
+        messages = []
+        for cid in sorted(self.clients):
+            sent = self.eval_arrays(cid)
+            record = records.setdefault(id(sent), to_record(sent))
+            self.stats.bytes_down += record.count_bytes()
+            cfg = ConfigRecord({**dict(config), "server-round": server_round})
+            messages.append(self._message(cid, record, cfg, MessageType.EVALUATE))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Mean, sample-weighted mean and worst client of the personal accuracies."""
+        scores = [s for s in (self.validate_eval_reply(m) for m in replies) if s is not None]
+        if not scores:
+            return None
+        acc = {cid: m["accuracy"] for cid, m in scores}
+        n = {cid: m["num-examples"] for cid, m in scores}
+        result = {
+            "accuracy_mean": float(np.mean(list(acc.values()))),
+            "accuracy_weighted": sum(acc[c] * n[c] for c in acc) / sum(n.values()),
+            "accuracy_worst": min(acc.values()),
+        }
+        glob = [(m["global_accuracy"], m["num-examples"]) for _, m in scores if "global_accuracy" in m]
+        if self.has_global_model and glob:
+            result["global_accuracy"] = sum(a * k for a, k in glob) / sum(k for _, k in glob)
+        result.update({f"client_{c}": a for c, a in acc.items()})
+        return MetricRecord(result)
+
+    def summary(self) -> None:
+        log(INFO, "\t├── strategy: %s (%s clients)", self.name, self.num_clients)
+        log(INFO, "\t└── fraction_train=%s, rounds=%s", self.cfg.fraction_train, self.cfg.num_rounds)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn: Any = None,
+              *, first_round: int = 1, on_round: Callable[[dict], None] | None = None) -> Result:
+        """Run rounds ``first_round..num_rounds``; evaluate every ``eval_every`` and the last.
+
+        Flower's ``Strategy.start`` signature, with ``on_round`` called with every round's
+        metrics row (the ServerApp writes it out) and ``first_round`` for resumed runs.
+        """
+        self.discover(grid, float(self.cfg.node_wait_timeout))
+        result = Result()
+        for server_round in range(first_round, num_rounds + 1):
+            evaluate = server_round % int(self.cfg.eval_every) == 0 or server_round == num_rounds
+            row = self.run_round(grid, server_round, timeout, evaluate)
+            if on_round is not None:
+                on_round(row)
+        result.arrays = to_record(self.global_state)
+        return result
+
+    # --- one round --------------------------------------------------------------------
+    def run_round(self, grid: Grid, server_round: int, timeout: float, evaluate: bool) -> dict:
+        """Train, aggregate and (optionally) evaluate; return the round's metrics row."""
+        started = time.monotonic()
+        self.stats = RoundStats()
+        self.discover(grid, timeout)  # picks up nodes that reconnected with a new node id
+        messages = list(self.configure_train(server_round, None, ConfigRecord(), grid))
+        replies, late = exchange(grid, messages, timeout)
+        self.stats.late_replies += late
+        _, train_metrics = self.aggregate_train(server_round, replies)
+        row: dict[str, Any] = {
+            "round": server_round,
+            "train_loss": float(train_metrics["train_loss"]) if train_metrics else None,
+            "sampled_clients": len(messages),
+            "personalized_accuracy": None,
+            "global_accuracy": None,
+        }
+        if evaluate:
+            eval_messages = list(self.configure_evaluate(server_round, None, ConfigRecord(), grid))
+            eval_replies, late = exchange(grid, eval_messages, timeout)
+            self.stats.late_replies += late
+            metrics = self.aggregate_evaluate(server_round, eval_replies)
+            if metrics is not None:
+                row.update(self._eval_row(metrics))
+        row.update(self.round_metrics(server_round))
+        row.update({
+            "bytes_up": self.stats.bytes_up, "bytes_down": self.stats.bytes_down,
+            "rejected_replies": self.stats.rejected_replies,
+            "late_replies": self.stats.late_replies,
+            "seconds": time.monotonic() - started,
+        })
+        return row
+
+    @staticmethod
+    def _eval_row(metrics: MetricRecord) -> dict[str, Any]:
+        per_client = {int(k.split("_", 1)[1]): float(v) for k, v in metrics.items()
+                      if k.startswith("client_")}
+        return {
+            "personalized_accuracy": {"mean": float(metrics["accuracy_mean"]),
+                                      "weighted": float(metrics["accuracy_weighted"]),
+                                      "worst": float(metrics["accuracy_worst"])},
+            "global_accuracy": float(metrics["global_accuracy"]) if "global_accuracy" in metrics else None,
+            "per_client_accuracy": per_client,
+        }
+
+    # --- validation -------------------------------------------------------------------
+    def _cid_of(self, message: Message) -> int | None:
+        node = message.metadata.src_node_id
+        return next((c.cid for c in self.clients.values() if c.node_id == node), None)
+
+    def validate_train_reply(self, message: Message) -> TrainReply | None:
+        """The reply as a TrainReply, or None (rejected and counted) if anything is off."""
+        cid = self._cid_of(message)
+        if cid is None or cid not in self._sent_specs:
+            self.stats.reject(cid, "reply from a client that was not sampled this round")
+            return None
+        if message.has_error():
+            self.stats.reject(cid, f"ClientApp failed: {message.error.reason}")
+            return None
+        content = message.content
+        if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+            self.stats.reject(cid, f"missing '{ARRAYS}' or '{METRICS}' record")
+            return None
+        record = content.array_records[ARRAYS]
+        self.stats.bytes_up += record.count_bytes()
+        problem = self._array_problem(record, self._sent_specs[cid])
+        if problem is None:
+            problem = self._num_examples_problem(content.metric_records[METRICS], cid, train=True)
+        if problem is not None:
+            self.stats.reject(cid, problem)
+            return None
+        metrics = dict(content.metric_records[METRICS])
+        if not all(math.isfinite(float(v)) for v in metrics.values() if isinstance(v, int | float)):
+            self.stats.reject(cid, "non-finite metric")
+            return None
+        return TrainReply(cid, from_record(record), int(metrics["num-examples"]), metrics)
+
+    @staticmethod
+    def _array_problem(record: ArrayRecord, spec: dict) -> str | None:
+        if set(record.keys()) != set(spec):
+            extra, missing = set(record.keys()) - set(spec), set(spec) - set(record.keys())
+            return f"array keys differ (extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]})"
+        for key, array in record.items():
+            shape, dtype = spec[key]
+            if tuple(array.shape) != shape or array.dtype != dtype:
+                return f"{key}: got {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+            values = array.numpy()
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                return f"{key}: non-finite values"
+        return None
+
+    def _num_examples_problem(self, metrics: MetricRecord, cid: int, train: bool) -> str | None:
+        n = metrics.get("num-examples")
+        info = self.clients[cid]
+        limit = info.num_train if train else info.num_test
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= limit:
+            return f"num-examples={n!r} is not an integer in [1, {limit}]"
+        return None
+
+    def validate_eval_reply(self, message: Message) -> tuple[int, dict] | None:
+        cid = self._cid_of(message)
+        if cid is None:
+            self.stats.reject(cid, "evaluation reply from an unknown node")
+            return None
+        if message.has_error():
+            self.stats.reject(cid, f"ClientApp failed in evaluate: {message.error.reason}")
+            return None
+        if METRICS not in message.content.metric_records:
+            self.stats.reject(cid, f"evaluation reply without '{METRICS}'")
+            return None
+        metrics = dict(message.content.metric_records[METRICS])
+        problem = self._num_examples_problem(message.content.metric_records[METRICS], cid, train=False)
+        accs = [metrics.get("accuracy"), metrics.get("global_accuracy", 0.0)]
+        if problem is None and not all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in accs):
+            problem = f"accuracy {accs} outside [0, 1]"
+        if problem is not None:
+            self.stats.reject(cid, problem)
+            return None
+        return cid, metrics
+
+    def _message(self, cid: int, arrays: ArrayRecord, config: ConfigRecord, kind: str) -> Message:
+        content = RecordDict({ARRAYS: arrays, CONFIG: config})
+        return Message(content, dst_node_id=self.clients[cid].node_id, message_type=kind)
+

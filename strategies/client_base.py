@@ -1,0 +1,105 @@
+"""The client half every method shares: data, personal state, models and the train/evaluate API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from task.data import ClientData, Federation
+from task.models import build_model
+from task.params import StateDict, load_partial, model_state
+from task.state import PersonalState
+from task.training import evaluate, step_generator, train_epochs
+
+# Model instances reused across calls in one process (one per slot): building a model costs
+# more than loading a state dict into it. Weights are always loaded before use.
+_MODELS: dict[tuple, nn.Module] = {}
+_INITIAL: dict[tuple, StateDict] = {}
+
+
+@dataclass
+class TrainResult:
+    """What a client sends back after training: arrays to upload and scalar metrics."""
+
+    upload: StateDict
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ClientMethod:
+    """Base client half: subclasses implement ``train`` and may override ``evaluate``.
+
+    ``received`` is the state dict the server sent this client (may be empty);
+    ``config`` is the message's ConfigRecord as a dict (always has ``server-round``).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: DictConfig, cid: int, federation: Federation, state: PersonalState,
+                 device: torch.device):
+        self.cfg = cfg
+        self.cid = cid
+        self.federation = federation
+        self.data: ClientData = federation.clients[cid]
+        self.state = state
+        self.device = device
+
+    # --- models -------------------------------------------------------------------------
+    def model(self, slot: str = "main", weights: StateDict | None = None) -> nn.Module:
+        """A model instance for ``slot``, reset to the run's initial weights, then ``weights``."""
+        key = (slot, *self._model_key())
+        if key not in _MODELS:
+            _MODELS[key] = self.new_model()
+        model = _MODELS[key]
+        load_partial(model, self.initial_state())
+        if weights:
+            load_partial(model, weights)
+        return model
+
+    def new_model(self) -> nn.Module:
+        torch.manual_seed(int(self.cfg.seed))
+        return build_model(self.cfg.model, self.federation.input_shape,
+                           self.federation.num_classes).to(self.device)
+
+    def initial_state(self) -> StateDict:
+        """The run's initial model weights: the same on every client and the server."""
+        key = self._model_key()
+        if key not in _INITIAL:
+            _INITIAL[key] = model_state(self.new_model())
+        return _INITIAL[key]
+
+    def _model_key(self) -> tuple:
+        return (str(self.cfg.model), self.federation.input_shape, self.federation.num_classes,
+                int(self.cfg.seed), str(self.device))
+
+    # --- training helpers ---------------------------------------------------------------
+    def generator(self, server_round: int, stream: int = 0) -> torch.Generator:
+        return step_generator(int(self.cfg.seed), self.cid, server_round, stream)
+
+    def fit(self, model: nn.Module, server_round: int, *, epochs: int | None = None,
+            lr: float | None = None, stream: int = 0, **kwargs: Any) -> float:
+        """Train ``model`` on this client's training split with the run's settings."""
+        return train_epochs(
+            model, self.data.x_train, self.data.y_train,
+            epochs=int(self.cfg.local_epochs if epochs is None else epochs),
+            batch_size=int(self.cfg.batch_size),
+            lr=float(self.cfg.lr if lr is None else lr),
+            gen=self.generator(server_round, stream), **kwargs,
+        )
+
+    def score(self, model: nn.Module) -> tuple[float, float]:
+        """(loss, accuracy) of ``model`` on this client's test split."""
+        return evaluate(model, self.data.x_test, self.data.y_test)
+
+    # --- the API the ClientApp calls ---------------------------------------------------
+    def train(self, received: StateDict, config: dict) -> TrainResult:
+        raise NotImplementedError
+
+    def evaluate(self, received: StateDict, config: dict) -> dict[str, float]:
+        """Score the personal model; by default the received model is the personal model."""
+        loss, acc = self.score(self.model("main", received))
+        return {"loss": loss, "accuracy": acc, "global_accuracy": acc}

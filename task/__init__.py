@@ -1,0 +1,1 @@
+"""What every pflower method shares: config, data, models, training loops, state, outputs."""

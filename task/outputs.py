@@ -1,0 +1,116 @@
+"""Run outputs: one directory with the resolved config, per-round metrics, results and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def default_output_dir(cfg: DictConfig) -> Path:
+    """``outputs/<date-time>-<strategy>-<dataset>`` unless the config names a directory."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser().resolve()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("outputs", f"{stamp}-{cfg.strategy.name}-{cfg.dataset.name}").resolve()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def jsonable(value: Any) -> Any:
+    """Floats that JSON can carry (NaN and inf become null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+class RunOutputs:
+    """Writes ``config.yaml``, ``metrics.jsonl``, ``results.json`` and PNG plots."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+
+    def write_config(self, cfg: DictConfig) -> None:
+        atomic_write_text(self.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    def append_round(self, row: dict) -> None:
+        if "per_client_accuracy" in row:
+            row = {**row, "per_client_accuracy": dict(sorted(row["per_client_accuracy"].items()))}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(jsonable(row)) + "\n")
+
+    def rounds(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def truncate_rounds(self, last_round: int) -> None:
+        """Keep only rounds <= ``last_round`` (used when resuming from a checkpoint)."""
+        kept = [r for r in self.rounds() if r["round"] <= last_round]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_json(self, name: str, payload: dict) -> None:
+        atomic_write_text(self.dir / name, json.dumps(jsonable(payload), indent=2))
+
+    def write_results(self, wall_seconds: float, per_client: dict[int, float] | None) -> dict:
+        """Summarise metrics.jsonl into results.json: last and best round, totals."""
+        rows = self.rounds()
+        evaluated = [r for r in rows if r.get("personalized_accuracy")]
+        best = max(evaluated, key=lambda r: r["personalized_accuracy"]["mean"], default=None)
+        results = {
+            "num_rounds": len(rows),
+            "last_round": rows[-1] if rows else None,
+            "last_evaluated_round": evaluated[-1] if evaluated else None,
+            "best_round": best,
+            "per_client_accuracy": {str(k): v for k, v in sorted((per_client or {}).items())},
+            "bytes_up": sum(r.get("bytes_up", 0) for r in rows),
+            "bytes_down": sum(r.get("bytes_down", 0) for r in rows),
+            "rejected_replies": sum(r.get("rejected_replies", 0) for r in rows),
+            "wall_seconds": wall_seconds,
+        }
+        self.write_json("results.json", results)
+        return results
+
+    def plot_accuracy(self, title: str) -> Path:
+        """accuracy.png: mean, worst-client and global accuracy per round."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.rounds() if r.get("personalized_accuracy")]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["round"] for r in rows]
+        ax.plot(xs, [r["personalized_accuracy"]["mean"] for r in rows], "o-", label="personal, mean")
+        ax.plot(xs, [r["personalized_accuracy"]["worst"] for r in rows], "v--",
+                label="personal, worst client")
+        glob = [(r["round"], r["global_accuracy"]) for r in rows if r.get("global_accuracy") is not None]
+        if glob:
+            ax.plot(*zip(*glob, strict=True), "s-", label="global model")
+        ax.set(xlabel="round", ylabel="test accuracy", title=title, ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.dir / "accuracy.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path

@@ -1,0 +1,81 @@
+"""An in-process Grid: routes messages straight to client_app's handlers (no Ray, no network).
+
+It lets tests drive a strategy's real round loop, and lets a test corrupt replies on their
+way back (``tamper``) to see how the server copes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+import client_app
+
+HANDLERS = {MessageType.TRAIN: client_app.train, MessageType.EVALUATE: client_app.evaluate,
+            MessageType.QUERY: client_app.query}
+
+
+class FakeGrid(Grid):
+    """Nodes 100+cid serving partition cid; replies are computed at push time."""
+
+    def __init__(self, num_clients: int, overrides: str,
+                 tamper: Callable[[Message, Message], Message | None] | None = None):
+        TaskIdentity.run_id = 1
+        TaskIdentity.node_id = 0
+        TaskIdentity.task_id = 0
+        self.contexts = {
+            100 + cid: Context(run_id=1, node_id=100 + cid, state=RecordDict(),
+                               node_config={"partition-id": cid, "num-partitions": num_clients},
+                               run_config={"overrides": overrides})
+            for cid in range(num_clients)
+        }
+        self.replies: dict[str, Message] = {}
+        self.tamper = tamper
+        self.pushed: list[Message] = []
+
+    def set_run(self, run):  # pragma: no cover - unused
+        pass
+
+    @property
+    def run(self):  # pragma: no cover - unused
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.pushed.append(msg)
+            ids.append(msg.metadata.message_id)
+            reply = self._handle(msg)
+            if reply is not None:
+                self.replies[msg.metadata.message_id] = reply
+        return ids
+
+    def _handle(self, msg: Message) -> Message | None:
+        context = self.contexts[msg.metadata.dst_node_id]
+        try:
+            reply = HANDLERS[msg.metadata.message_type](msg, context)
+        except Exception as err:  # noqa: BLE001 - a failing ClientApp becomes an error reply
+            from flwr.app import Error
+
+            reply = Message(Error(code=0, reason=repr(err)), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+        if self.tamper is not None:
+            reply = self.tamper(msg, reply)
+        return reply
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))

@@ -1,0 +1,44 @@
+"""Test helpers: small configs and an in-memory client context without Flower's runtime."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context, RecordDict
+
+from strategies import lookup
+from task.config import compose_config
+from task.data import load_federation
+from task.models import build_model
+
+TINY = "dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16"
+
+
+def tiny_cfg(extra: str = ""):
+    return compose_config(f"{TINY} {extra}".strip())
+
+
+def make_context(cid: int, state_dir: str | None = None) -> Context:
+    node_config = {"partition-id": cid, "num-partitions": 4}
+    if state_dir:
+        node_config["state-dir"] = state_dir
+    return Context(run_id=1, node_id=100 + cid, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+def client(cfg, cid: int, context: Context | None = None):
+    """The client half of cfg's strategy for client ``cid`` on CPU."""
+    from task.state import PersonalState
+
+    device = torch.device("cpu")
+    fed = load_federation(cfg, device)
+    context = context or make_context(cid)
+    _, cls = lookup(cfg.strategy.name)
+    return cls(cfg, cid, fed, PersonalState(context, cid, device), device)
+
+
+def server(cfg):
+    fed = load_federation(cfg, torch.device("cpu"))
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model, fed.input_shape, fed.num_classes)
+    cls, _ = lookup(cfg.strategy.name)
+    return cls.from_model(cfg, model, [(c.num_train, c.num_test) for c in fed.clients])

@@ -1,0 +1,42 @@
+"""The built-in feature-shift digits federation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from task.data import DOMAINS, build_federation, render_domain
+
+from .helpers import tiny_cfg
+
+
+def test_federation_shapes_domains_and_disjoint_splits():
+    fed = build_federation(tiny_cfg())
+    assert len(fed.clients) == 4 and fed.input_shape == (3, 16, 16) and fed.num_classes == 10
+    assert [c.domain_name for c in fed.clients] == ["plain", "plain", "inverted", "inverted"]
+    for c in fed.clients:
+        assert c.num_train > 0 and c.num_test > 0
+        assert c.x_train.shape[1:] == (3, 16, 16) and c.x_train.dtype == torch.float32
+        assert -1.0 <= float(c.x_train.min()) and float(c.x_train.max()) <= 1.0
+    assert sum(c.num_train + c.num_test for c in fed.clients) == 1797
+
+
+def test_same_seed_same_partitions_other_seed_differs():
+    a, b = build_federation(tiny_cfg()), build_federation(tiny_cfg())
+    c = build_federation(tiny_cfg("seed=1"))
+    assert torch.equal(a.clients[0].x_train, b.clients[0].x_train)
+    assert not torch.equal(a.clients[0].y_train, c.clients[0].y_train)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_every_domain_renders_rgb_in_range_and_looks_different(domain):
+    images = torch.rand(4, 1, 16, 16)
+    out = render_domain(images, domain, torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 16, 16) and 0 <= float(out.min()) and float(out.max()) <= 1
+    if domain != "plain":
+        assert not torch.allclose(out, images.expand(4, 3, 16, 16))
+
+
+def test_unknown_domain_is_refused():
+    with pytest.raises(ValueError, match="valid domains"):
+        build_federation(tiny_cfg("dataset.domains=[plain,nope]"))
