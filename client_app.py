@@ -62,6 +62,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({ARRAYS: to_record(result.upload), METRICS: metrics}), reply_to=msg)
 
 
+@app.train("personalize")
+def personalize(msg: Message, context: Context) -> Message:
+    method = client_method(context)
+    received, config = _received(msg, method.device)
+    metrics = MetricRecord(method.personalize(received, config))
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     method = client_method(context)

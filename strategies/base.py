@@ -130,6 +130,7 @@ class PFLStrategy(Strategy):
         self.rng = np.random.default_rng(int(cfg.seed))
         self.stats = RoundStats()
         self._sent_specs: dict[int, dict] = {}
+        self._aggregated: list[int] = []
 
     @classmethod
     def from_model(cls, cfg: DictConfig, model: torch.nn.Module,
@@ -154,6 +155,19 @@ class PFLStrategy(Strategy):
         """Update the server state (default: w_g <- sum_j p_j w_j over the replies)."""
         merged = weighted_mean([r.arrays for r in replies], [r.num_examples for r in replies])
         self.global_state.update(merged)
+
+    def personalize_arrays(self, cid: int, server_round: int) -> StateDict | None:
+        """Arrays for an optional third phase after aggregation (None: no such phase).
+
+        Where it returns arrays for a client that trained this round, that client gets a
+        ``train.personalize`` message carrying them and ``personalize_config(cid, round)``,
+        and its client half's ``personalize`` updates its personal state (e.g. LG-Mix's
+        mixing of the local and the aggregated update).
+        """
+        return None
+
+    def personalize_config(self, cid: int, server_round: int) -> dict[str, Any]:
+        return {}
 
     def eval_arrays(self, cid: int) -> StateDict:
         """Arrays a client needs to score its personal model (default: the global model)."""
@@ -232,6 +246,7 @@ class PFLStrategy(Strategy):
                 server_round, len(valid), self.cfg.min_replies)
             return None, None
         self.aggregate_replies(server_round, valid)
+        self._aggregated = [r.cid for r in valid]
         total = sum(r.num_examples for r in valid)
         loss = sum(r.metrics.get("train_loss", 0.0) * r.num_examples for r in valid) / total
         metrics = MetricRecord({"train_loss": loss, "num-replies": len(valid)})
@@ -301,6 +316,8 @@ class PFLStrategy(Strategy):
         replies, late = exchange(grid, messages, timeout)
         self.stats.late_replies += late
         _, train_metrics = self.aggregate_train(server_round, replies)
+        if train_metrics is not None:
+            self.personalize(grid, server_round, timeout)
         row: dict[str, Any] = {
             "round": server_round,
             "train_loss": float(train_metrics["train_loss"]) if train_metrics else None,
@@ -323,6 +340,24 @@ class PFLStrategy(Strategy):
             "seconds": time.monotonic() - started,
         })
         return row
+
+    def personalize(self, grid: Grid, server_round: int, timeout: float) -> None:
+        """The optional phase after aggregation (see ``personalize_arrays``)."""
+        records: dict[int, ArrayRecord] = {}
+        messages = []
+        for cid in self._aggregated:
+            sent = self.personalize_arrays(cid, server_round)
+            if sent is None:
+                continue
+            record = records.setdefault(id(sent), to_record(sent))
+            self.stats.bytes_down += record.count_bytes()
+            cfg = ConfigRecord({**self.personalize_config(cid, server_round), "server-round": server_round})
+            messages.append(self._message(cid, record, cfg, f"{MessageType.TRAIN}.personalize"))
+        replies, late = exchange(grid, messages, timeout)
+        self.stats.late_replies += late
+        for reply in replies:
+            if reply.has_error():
+                self.stats.reject(self._cid_of(reply), f"personalize failed: {reply.error.reason}")
 
     @staticmethod
     def _eval_row(metrics: MetricRecord) -> dict[str, Any]:

@@ -99,6 +99,10 @@ class ClientMethod:
     def train(self, received: StateDict, config: dict) -> TrainResult:
         raise NotImplementedError
 
+    def personalize(self, received: StateDict, config: dict) -> dict[str, float]:
+        """Optional phase after aggregation (see ``PFLStrategy.personalize_arrays``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no personalize phase")
+
     def evaluate(self, received: StateDict, config: dict) -> dict[str, float]:
         """Score the personal model; by default the received model is the personal model."""
         loss, acc = self.score(self.model("main", received))

@@ -16,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 import client_app
 
 HANDLERS = {MessageType.TRAIN: client_app.train, MessageType.EVALUATE: client_app.evaluate,
+            f"{MessageType.TRAIN}.personalize": client_app.personalize,
             MessageType.QUERY: client_app.query}
 
 

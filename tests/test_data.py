@@ -17,7 +17,7 @@ def test_federation_shapes_domains_and_disjoint_splits():
     for c in fed.clients:
         assert c.num_train > 0 and c.num_test > 0
         assert c.x_train.shape[1:] == (3, 16, 16) and c.x_train.dtype == torch.float32
-        assert -1.0 <= float(c.x_train.min()) and float(c.x_train.max()) <= 1.0
+        assert float(c.x_train.min()) >= -1.0 and float(c.x_train.max()) <= 1.0
     assert sum(c.num_train + c.num_test for c in fed.clients) == 1797
 
 
@@ -32,7 +32,7 @@ def test_same_seed_same_partitions_other_seed_differs():
 def test_every_domain_renders_rgb_in_range_and_looks_different(domain):
     images = torch.rand(4, 1, 16, 16)
     out = render_domain(images, domain, torch.Generator().manual_seed(0))
-    assert out.shape == (4, 3, 16, 16) and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert out.shape == (4, 3, 16, 16) and float(out.min()) >= 0 and float(out.max()) <= 1
     if domain != "plain":
         assert not torch.allclose(out, images.expand(4, 3, 16, 16))
 
