@@ -1,0 +1,126 @@
+"""Every baseline's client step and server aggregation, without Flower's runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strategies.base import TrainReply
+from task.models import batchnorm_keys
+from task.params import weighted_mean
+
+from .fake_grid import FakeGrid
+from .helpers import TINY, client, server, tiny_cfg
+
+
+def _distance(a: dict, b: dict) -> float:
+    """Euclidean distance over trainable entries (BN running statistics are not parameters)."""
+    keys = [k for k in a if a[k].is_floating_point() and "running_" not in k]
+    return sum(float(((a[k] - b[k]) ** 2).sum()) for k in keys) ** 0.5
+
+
+def test_fedavg_aggregate_is_the_sample_weighted_mean():
+    st = server(tiny_cfg("strategy=fedavg"))
+    keys = list(st.global_state)[:2]
+    a = {k: torch.zeros_like(st.global_state[k]) for k in keys}
+    b = {k: torch.ones_like(st.global_state[k]) for k in keys}
+    st.aggregate_replies(1, [TrainReply(0, a, 10, {}), TrainReply(1, b, 30, {})])
+    for k in keys:
+        assert torch.allclose(st.global_state[k], torch.full_like(a[k], 0.75))
+
+
+def test_fedavg_client_trains_from_the_received_model_and_uploads_all_entries():
+    cfg = tiny_cfg("strategy=fedavg")
+    st = server(cfg)
+    result = client(cfg, 0).train(st.global_state, {"server-round": 1})
+    assert set(result.upload) == set(st.global_state)
+    assert result.num_examples == client(cfg, 0).data.num_train
+    assert _distance(result.upload, st.global_state) > 0
+
+
+def test_fedprox_penalty_keeps_the_model_closer_to_the_global_one():
+    cfg_avg, cfg_prox = tiny_cfg("strategy=fedavg local_epochs=2"), tiny_cfg(
+        "strategy=fedprox strategy.mu=10.0 local_epochs=2")
+    start = server(cfg_avg).global_state
+    far = client(cfg_avg, 0).train(start, {"server-round": 1}).upload
+    near = client(cfg_prox, 0).train(start, {"server-round": 1}).upload
+    assert _distance(near, start) < 0.8 * _distance(far, start)
+
+
+def test_fedbn_keeps_batchnorm_local_and_never_sends_it():
+    cfg = tiny_cfg("strategy=fedbn")
+    st = server(cfg)
+    c = client(cfg, 1)
+    bn = batchnorm_keys(c.model("main"))
+    assert bn and not bn & set(st.global_state)
+    result = c.train(st.global_state, {"server-round": 1})
+    assert not bn & set(result.upload)
+    saved = c.state.load("bn")
+    assert set(saved) == bn
+    # The running statistics moved away from their initial values during local training.
+    assert not torch.equal(saved[next(k for k in bn if k.endswith("running_mean"))],
+                           c.initial_state()[next(k for k in bn if k.endswith("running_mean"))])
+
+
+def test_local_sends_nothing_and_its_personal_model_persists():
+    cfg = tiny_cfg("strategy=local")
+    st = server(cfg)
+    assert st.train_arrays(0, 1) == {}
+    c = client(cfg, 0)
+    first = c.train({}, {"server-round": 1})
+    assert first.upload == {}
+    after_one = c.state.load("personal")
+    c.train({}, {"server-round": 2})
+    assert _distance(c.state.load("personal"), after_one) > 0
+
+
+def test_ditto_personal_model_is_kept_and_pulled_towards_the_global_one():
+    loose = client(tiny_cfg("strategy=ditto strategy.lam=0.001"), 0)
+    tight = client(tiny_cfg("strategy=ditto strategy.lam=5.0"), 0)
+    start = server(tiny_cfg("strategy=ditto")).global_state
+    for c in (loose, tight):
+        result = c.train(start, {"server-round": 1})
+        assert set(result.upload) == set(start)
+        assert c.state.load("personal") is not None
+    assert _distance(tight.state.load("personal"), start) < _distance(loose.state.load("personal"), start)
+
+
+def test_fedavg_ft_fine_tunes_before_scoring_without_touching_state():
+    cfg = tiny_cfg("strategy=fedavg_ft strategy.ft_epochs=3")
+    c = client(cfg, 0)
+    start = server(cfg).global_state
+    scores = c.evaluate(start, {"server-round": 1})
+    assert 0 <= scores["accuracy"] <= 1 and 0 <= scores["global_accuracy"] <= 1
+    assert scores["accuracy"] > scores["global_accuracy"]  # an untrained model gains from 3 epochs
+    assert c.state.load("personal") is None
+
+
+def test_sampling_sequence_is_the_same_for_every_strategy():
+    seqs = []
+    for name in ("fedavg", "ditto", "local"):
+        st = server(tiny_cfg(f"strategy={name} fraction_train=0.5"))
+        seqs.append([st.sample(r) for r in range(1, 6)])
+    assert seqs[0] == seqs[1] == seqs[2]
+    assert all(len(s) == 2 for s in seqs[0]) and len({tuple(s) for s in seqs[0]}) > 1
+
+
+def test_weighted_mean_rejects_empty_input():
+    with pytest.raises(ValueError):
+        weighted_mean([], [])
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavg_ft", "fedprox", "fedbn", "local", "ditto"])
+def test_round_loop_learns_above_chance(name):
+    overrides = f"{TINY} strategy={name} local_epochs=2"
+    st = server(tiny_cfg(f"strategy={name} local_epochs=2"))
+    rows = []
+    st.start(FakeGrid(4, overrides), num_rounds=2, timeout=30, on_round=rows.append)
+    last = rows[-1]
+    assert last["rejected_replies"] == 0 and last["sampled_clients"] == 4
+    acc = last["personalized_accuracy"]
+    assert 0.3 < acc["mean"] <= 1 and acc["worst"] <= acc["weighted"] <= 1
+    assert len(last["per_client_accuracy"]) == 4
+    if st.has_global_model:
+        assert 0.2 < last["global_accuracy"] <= 1
+    else:
+        assert last["global_accuracy"] is None
