@@ -1,0 +1,71 @@
+"""End-to-end fixtures: `flwr run` against a local SuperLink in a temporary FLWR_HOME.
+
+The SuperLink that `flwr run` starts in the background, and everything it spawned, is
+stopped when the tests end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ("dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16 "
+        "local_epochs=2")
+
+
+def _pids_matching(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
+def stop_local_superlink(flwr_home: Path) -> None:
+    """Kill the SuperLink started under ``flwr_home`` with its process group and children."""
+    for pid in _pids_matching(f"flower-superlink.*{flwr_home}"):
+        children = _pids_matching(f"--parent-pid {pid}")
+        for target in [pid, *children]:
+            try:
+                os.killpg(os.getpgid(target), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    time.sleep(0.5)
+
+
+class FlwrRunner:
+    """Runs `flwr run` for this project with Hydra overrides and reads the run's outputs."""
+
+    def __init__(self, flwr_home: Path, out_root: Path):
+        self.env = {**os.environ, "FLWR_HOME": str(flwr_home),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        self.out_root = out_root
+
+    def run(self, name: str, overrides: str, num_supernodes: int = 4, timeout: float = 300,
+            check: bool = True) -> Path:
+        out = self.out_root / name
+        run_config = f'overrides="{overrides} output_dir={out}"'
+        cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config,
+               "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout,
+                              cwd=ROOT)
+        self.last_log = proc.stdout + proc.stderr
+        if check:
+            assert proc.returncode == 0, self.last_log[-3000:]
+        return out
+
+    @staticmethod
+    def results(out: Path) -> dict:
+        return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def flwr_runner(tmp_path_factory):
+    flwr_home = tmp_path_factory.mktemp("flwr_home")
+    runner = FlwrRunner(flwr_home, tmp_path_factory.mktemp("runs"))
+    yield runner
+    stop_local_superlink(flwr_home)
