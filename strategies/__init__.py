@@ -9,6 +9,7 @@ from .fedavg import FedAvg, FedAvgClient
 from .fedavg_ft import FedAvgFT, FedAvgFTClient
 from .fedbn import FedBN, FedBNClient
 from .fedprox import FedProx, FedProxClient
+from .lgmix import LGMix, LGMixClient
 from .local import Local, LocalClient
 
 REGISTRY: dict[str, tuple[type[PFLStrategy], type[ClientMethod]]] = {
@@ -18,6 +19,7 @@ REGISTRY: dict[str, tuple[type[PFLStrategy], type[ClientMethod]]] = {
     "fedbn": (FedBN, FedBNClient),
     "local": (Local, LocalClient),
     "ditto": (Ditto, DittoClient),
+    "lgmix": (LGMix, LGMixClient),
 }
 
 
