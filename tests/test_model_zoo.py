@@ -1,0 +1,36 @@
+"""Every model builds for every input shape, and its classifier is its last nn.Linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from task.models import MODELS, build_model, last_linear
+
+CONFIGS = {"digit_cnn": {"width": 0.125}, "mlp": {"hidden": 16}, "cnn": {}, "lenet5": {},
+           "resnet18_gn": {"groups": 2, "width": 0.125}, "logreg": {}}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("shape", "classes"), [((1, 28, 28), 10), ((3, 32, 32), 100), ((3, 16, 16), 10)])
+def test_model_shapes_and_last_linear_is_the_classifier(name, shape, classes):
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create({"name": name, **CONFIGS[name]}), shape, classes).eval()
+    out = model(torch.randn(2, *shape))
+    assert out.shape == (2, classes)
+    assert last_linear(model) is model.classifier and model.classifier.out_features == classes
+
+
+def test_resnet18_gn_has_groupnorm_and_no_batchnorm():
+    cfg = OmegaConf.create({"name": "resnet18_gn", "groups": 2, "width": 0.125})
+    model = build_model(cfg, (3, 32, 32), 10)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "GroupNorm" in kinds and not any("BatchNorm" in k for k in kinds)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].kernel_size == (3, 3) and len(convs) == 1 + 16 + 3  # stem, 8 blocks x 2, 3 projections
+
+
+def test_lenet5_refuses_tiny_images():
+    with pytest.raises(ValueError, match="lenet5"):
+        build_model(OmegaConf.create({"name": "lenet5"}), (1, 8, 8), 10)
