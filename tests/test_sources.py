@@ -77,6 +77,23 @@ def test_fashion_mnist_from_debian_package_folder(tmp_path, monkeypatch):
     assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
 
 
+def test_failed_download_error_names_files_and_directory(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    import torchvision.datasets.usps as usps
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(usps, "download_url", offline)
+    (tmp_path / "usps").mkdir()
+    write_usps(tmp_path / "usps" / "usps.bz2", 3)
+    with pytest.raises(MissingDataError, match="download failed") as err:
+        load_source(cfg("usps", tmp_path, download=True))
+    assert f"{tmp_path / 'usps' / 'usps.t.bz2'}   <- missing" in str(err.value)
+    assert f"{tmp_path / 'usps' / 'usps.bz2'}\n" in str(err.value)
+
+
 def test_missing_files_error_names_files_and_directory(tmp_path):
     with pytest.raises(MissingDataError) as err:
         load_source(cfg("mnist", tmp_path))
