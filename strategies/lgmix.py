@@ -173,6 +173,16 @@ class LGMix(PFLStrategy):
     def round_metrics(self, server_round):
         return {"lgmix": self.round_values.get(server_round, {})}
 
+    def state_scalars(self):
+        """Checkpointed bookkeeping: every client's cbar_i and count (Dbar lives one round only)."""
+        return {**super().state_scalars(), "cbar": {str(c): v for c, v in self.cbar.items()},
+                "c_count": {str(c): n for c, n in self.c_count.items()}}
+
+    def load_state(self, arrays, scalars):
+        super().load_state(arrays, scalars)
+        self.cbar = {int(c): float(v) for c, v in scalars.get("cbar", {}).items()}
+        self.c_count = {int(c): int(n) for c, n in scalars.get("c_count", {}).items()}
+
 
 class LGMixClient(ClientMethod):
     """Client half: train theta_i with feature hooks, upload Delta_i and c_i, then mix."""
@@ -187,7 +197,25 @@ class LGMixClient(ClientMethod):
         server_round = int(config["server-round"])
         old = self.personal_state(received)
         model = self.model("main", old)
-        global_model = self.model("global", received).eval()
+        loss, t_local, t_global = self.fit_with_features(model, self.model("global", received), server_round)
+        after = model_state(model)
+        delta = {k: after[k] - old[k] for k in float_entries(after)}
+        c = mixing_coefficient(t_local, t_global)
+        # Pending until the personalize phase: theta_i = old + Delta_i (the purely local update).
+        self.state.save("personal", after)
+        self.state.save("delta", delta)
+        self.state.save_scalars({"delta_round": server_round})
+        metrics = {"train_loss": loss, C_I: c, T_LOCAL: t_local, T_GLOBAL: t_global}
+        return TrainResult(delta, self.data.num_train, metrics)
+
+    def fit_with_features(self, model: nn.Module, global_model: nn.Module,
+                          server_round: int) -> tuple[float, float, float]:
+        """Train ``model``; return (loss, t_local, t_global) of its and ``global_model``'s features.
+
+        t_local from the training forward passes (train mode); t_global from ``global_model`` in
+        eval mode on the same batches (a forward pre-hook on ``model`` feeds it each batch).
+        """
+        global_model.eval()
         local_features = FeatureRecorder(model)
         global_features = FeatureRecorder(global_model)
 
@@ -202,16 +230,7 @@ class LGMixClient(ClientMethod):
             same_batches.remove()
             local_features.remove()
             global_features.remove()
-        after = model_state(model)
-        delta = {k: after[k] - old[k] for k in float_entries(after)}
-        t_local, t_global = local_features.trace(), global_features.trace()
-        c = mixing_coefficient(t_local, t_global)
-        # Pending until the personalize phase: theta_i = old + Delta_i (the purely local update).
-        self.state.save("personal", after)
-        self.state.save("delta", delta)
-        self.state.save_scalars({"delta_round": server_round})
-        metrics = {"train_loss": loss, C_I: c, T_LOCAL: t_local, T_GLOBAL: t_global}
-        return TrainResult(delta, self.data.num_train, metrics)
+        return loss, local_features.trace(), global_features.trace()
 
     def personalize(self, received, config):
         """theta_i <- old + (1 - cbar_i) Dbar + cbar_i Delta_i, with Dbar = ``received``."""

@@ -7,8 +7,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from torch import nn
 
+from strategies.base import ARRAYS, CONFIG, METRICS
 from strategies.lgmix import (
     FeatureRecorder,
     feature_trace,
@@ -18,10 +20,11 @@ from strategies.lgmix import (
     ntk_trace,
     plot_cbar,
 )
+from task.params import from_record, to_record
 from task.state import PersonalState
 from task.training import train_epochs
 from tests.fake_grid import FakeGrid
-from tests.helpers import TINY, client, server, tiny_cfg
+from tests.helpers import TINY, server, tiny_cfg
 
 OVERRIDES = "strategy=lgmix fraction_train=0.5"
 
@@ -60,29 +63,48 @@ def test_mix_identity_on_toy_state_dicts():
     assert int(part["bn.num_batches_tracked"]) == 7 and part["bn.num_batches_tracked"].dtype == torch.int64
 
 
-# --- client half: BN entries are mixed like every other entry ----------------------------
+# --- client half, through client_app's handlers: BN entries are mixed like every other ---
+def latest(context, cid: int, name: str):
+    """The newest saved version of a client's state entry ``name`` (None if never saved)."""
+    try:  # PersonalState with round-tagged versions: a late round sees every save
+        state = PersonalState(context, cid, torch.device("cpu"), 10**6)
+    except TypeError:  # PersonalState without versions
+        state = PersonalState(context, cid, torch.device("cpu"))
+    return state.load(name)
+
+
+def send(grid: FakeGrid, cid: int, kind: str, arrays: dict, config: dict) -> Message:
+    msg = Message(RecordDict({ARRAYS: to_record(arrays), CONFIG: ConfigRecord(config)}),
+                  dst_node_id=100 + cid, message_type=kind)
+    [reply] = grid.pull_messages(grid.push_messages([msg]))
+    return reply
+
+
 def test_bn_running_statistics_are_uploaded_and_mixed():
     cfg = tiny_cfg("strategy=lgmix")
     received = server(cfg).global_state
-    lg = client(cfg, 0)
-    result = lg.train(received, {"server-round": 1})
-    delta = result.upload
+    grid = FakeGrid(4, f"{TINY} strategy=lgmix")
+    reply = send(grid, 0, MessageType.TRAIN, received, {"server-round": 1})
+    assert not reply.has_error()
+    delta = from_record(reply.content.array_records[ARRAYS])
+    metrics = reply.content.metric_records[METRICS]
     assert set(delta) == set(float_entries(received))
     stats = [k for k in delta if k.endswith(("running_mean", "running_var"))]
     assert stats and all(delta[k].abs().sum() > 0 for k in stats)
     assert not any(k.endswith("num_batches_tracked") for k in delta)
-    assert 0.0 < result.metrics["c_i"] < 1.0
-    assert result.metrics["t_local"] > 0 and result.metrics["t_global"] > 0
+    assert 0.0 < metrics["c_i"] < 1.0 and metrics["t_local"] > 0 and metrics["t_global"] > 0
 
     dbar = {k: torch.full_like(v, 0.5) for k, v in delta.items()}
-    lg.personalize(dbar, {"server-round": 1, "cbar": 0.25})
-    theta = lg.state.load("personal")
+    personalize = f"{MessageType.TRAIN}.personalize"
+    assert not send(grid, 0, personalize, dbar, {"server-round": 1, "cbar": 0.25}).has_error()
+    theta = latest(grid.contexts[100], 0, "personal")
     for k in delta:  # old = received on first participation
         assert close(theta[k], received[k] + 0.75 * dbar[k] + 0.25 * delta[k]), k
     counters = [k for k in theta if k.endswith("num_batches_tracked")]
     assert counters and all(int(theta[k]) > int(received[k]) for k in counters)  # the client's own
-    with pytest.raises(RuntimeError):  # the pending update is mixed once only
-        lg.personalize(dbar, {"server-round": 1, "cbar": 0.25})
+    # The pending update is mixed once only; a second personalize is refused.
+    assert send(grid, 0, personalize, dbar, {"server-round": 1, "cbar": 0.25}).has_error()
+    assert all(torch.equal(latest(grid.contexts[100], 0, "personal")[k], v) for k, v in theta.items())
 
 
 def test_server_expects_float_entries_only():
@@ -99,7 +121,6 @@ def run():
     cfg = tiny_cfg(OVERRIDES)
     st = server(cfg)
     grid = FakeGrid(4, f"{TINY} {OVERRIDES}")
-    states = {cid: PersonalState(grid.contexts[100 + cid], cid, torch.device("cpu")) for cid in range(4)}
     globals_ = [{k: v.clone() for k, v in st.global_state.items()}]
     personal: list[dict] = [{cid: None for cid in range(4)}]
     deltas: list[dict] = []
@@ -108,8 +129,8 @@ def run():
     def on_round(row):
         rows.append(row)
         globals_.append({k: v.clone() for k, v in st.global_state.items()})
-        personal.append({cid: s.load("personal") for cid, s in states.items()})
-        deltas.append({cid: s.load("delta") for cid, s in states.items()})
+        personal.append({cid: latest(grid.contexts[100 + cid], cid, "personal") for cid in range(4)})
+        deltas.append({cid: latest(grid.contexts[100 + cid], cid, "delta") for cid in range(4)})
 
     st.start(grid, num_rounds=3, timeout=10, on_round=on_round)
     return st, rows, globals_, personal, deltas
@@ -223,3 +244,14 @@ def test_proxy_and_full_ntk_trace_order_models_alike(federation):
         local, foreign = trained(mlp(seed), own, 3, seed), trained(mlp(seed), other, 3, seed)
         assert ntk_trace(local, x) > ntk_trace(foreign, x)
         assert eval_feature_trace(local, x) > eval_feature_trace(foreign, x)
+
+
+def test_checkpoint_keeps_the_running_means(run, tmp_path):
+    st, *_ = run
+    if not hasattr(st, "save_checkpoint"):
+        pytest.skip("this PFLStrategy has no checkpoints")
+    st.save_checkpoint(tmp_path / "checkpoint.npz", 3)
+    again = server(tiny_cfg(OVERRIDES))
+    assert again.load_checkpoint(tmp_path / "checkpoint.npz") == 3
+    assert again.cbar == st.cbar and again.c_count == st.c_count
+    assert all(torch.equal(again.global_state[k], v) for k, v in st.global_state.items())
