@@ -48,15 +48,18 @@ class ClientSpec:
     shift: int = 0  # label shift
 
 
-def label_partition(labels: np.ndarray, pool: np.ndarray, num_clients: int, partition: DictConfig,
-                    seed: int, kind: str | None = None) -> list[np.ndarray]:
-    """Split the indices ``pool`` (into ``labels``) among clients with a flwr-datasets partitioner."""
+def label_partition(labels: np.ndarray, pool: np.ndarray, num_clients: int, partition: DictConfig, seed: int,
+                    kind: str | None = None, key: str = "partition.num_clients") -> list[np.ndarray]:
+    """Split the indices ``pool`` (into ``labels``) among clients with a flwr-datasets partitioner.
+
+    ``kind`` overrides ``partition.name``; ``key`` is the config key an error names.
+    """
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
     kind = kind or partition.name
     if num_clients > len(pool):
-        raise ValueError(f"partition.num_clients={num_clients} is more than the {len(pool)} samples to split")
+        raise ValueError(f"{key}={num_clients} is more than the {len(pool)} samples to split")
     order = np.random.default_rng(seed).permutation(pool)
     data = Dataset.from_dict({"label": labels[order].tolist(), "idx": order.tolist()})
     if kind == "iid":
@@ -86,7 +89,7 @@ def label_partition(labels: np.ndarray, pool: np.ndarray, num_clients: int, part
         raise
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
-        raise ValueError(f"partition.num_clients={num_clients}: clients {empty} get no training samples")
+        raise ValueError(f"{key}={num_clients}: clients {empty} get no training samples")
     return parts
 
 
@@ -163,7 +166,8 @@ def plan(source: Source, partition: DictConfig, seed: int) -> tuple[list[ClientS
         d_tr, d_te = source.domain_train.numpy(), source.domain_test.numpy()
         specs = []
         for did in range(len(source.domain_names)):
-            parts = label_partition(y_tr, all_tr[d_tr == did], int(per), partition, seed + did, kind="iid")
+            parts = label_partition(y_tr, all_tr[d_tr == did], int(per), partition, seed + did, kind="iid",
+                                    key="partition.clients_per_domain")
             tests = allocate_test(parts, y_tr, all_te[d_te == did], y_te, rng)
             specs += [ClientSpec(p, t, did) for p, t in zip(parts, tests, strict=True)]
         return specs, source.domain_names
@@ -182,7 +186,8 @@ def plan(source: Source, partition: DictConfig, seed: int) -> tuple[list[ClientS
         parts = []
         for k in range(K):
             pool = all_tr[(y_tr >= k * block) & (y_tr < (k + 1) * block)]
-            parts += label_partition(y_tr, pool, per, partition, seed + k, kind="iid")
+            parts += label_partition(y_tr, pool, per, partition, seed + k, kind="iid",
+                                     key="partition.num_clients / num_clusters")
         tests = allocate_test(parts, y_tr, all_te, y_te, rng)
         specs = [ClientSpec(p, t, cid // per) for cid, (p, t) in enumerate(zip(parts, tests, strict=True))]
         return specs, tuple(f"classes {k * block}-{(k + 1) * block - 1}" for k in range(K))

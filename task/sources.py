@@ -30,6 +30,7 @@ files are neither there nor downloadable, the error names the exact files and th
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,8 +113,20 @@ def _unpack_gz(raw: Path) -> None:
     for gz in raw.glob("*.gz"):
         target = gz.with_suffix("")
         if not target.exists():
-            with gzip.open(gz, "rb") as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            with gzip.open(gz, "rb") as src:
+                _write_atomic(target, lambda dst, src=src: shutil.copyfileobj(src, dst))
+
+
+def _write_atomic(target: Path, write: Callable[[Any], None]) -> None:
+    """Write ``target`` through a temporary file and a rename: a process loading the same data root
+    at the same time (another ClientApp) never sees half a file."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as dst:
+            write(dst)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _relaxed(cls: type) -> type:
@@ -160,7 +173,8 @@ def load_mnist_like(name: str, root: Path, download: bool) -> Source:
         raw.mkdir(parents=True, exist_ok=True)
         for gz in SYSTEM_FASHION_MNIST.glob("*-ubyte.gz"):
             if not (raw / gz.name).exists() and not (raw / gz.stem).exists():
-                shutil.copyfile(gz, raw / gz.name)
+                with open(gz, "rb") as src:
+                    _write_atomic(raw / gz.name, lambda dst, src=src: shutil.copyfileobj(src, dst))
     _unpack_gz(raw)
     files = [f for f, _ in cls.resources]
     train, test = _load_torchvision(

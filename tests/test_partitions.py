@@ -207,6 +207,11 @@ def test_builders_refuse_bad_partitions_naming_the_key(name, kw, key):
         partition_source(source(), part(name, **kw), seed=0)
 
 
+def test_too_many_clients_per_domain_is_refused():
+    with pytest.raises(ValueError, match="partition.clients_per_domain"):
+        partition_source(source(domains=3), part("domains", clients_per_domain=201), seed=0)
+
+
 def test_too_small_test_set_is_refused():
     src = source()
     src.x_test, src.y_test = src.x_test[:5], src.y_test[:5]
