@@ -262,3 +262,11 @@ def test_source_keys_are_validated():
         compose_config("dataset=mnist dataset.download=maybe")
     with pytest.raises(ConfigError, match="dataset.percent"):
         compose_config("dataset=digits5 dataset.percent=0")
+
+
+@pytest.mark.skipif(not (sources.SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_from_the_debian_package(tmp_path):
+    src = load_source(cfg("fashion_mnist", tmp_path))
+    check(src, 60000, 10000, (1, 28, 28))
+    assert torch.bincount(src.y_train).tolist() == [6000] * 10
