@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from strategies import lookup
@@ -26,7 +26,7 @@ def client_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def client_method(context: Context) -> ClientMethod:
+def client_method(context: Context, msg: Message) -> ClientMethod:
     """The method's client half for this node, over cached data and its personal state."""
     cfg = compose_config(str(context.run_config.get("overrides", "")))
     if (cfg.device == "cpu" or not torch.cuda.is_available()) and int(cfg.client_threads) > 0:
@@ -35,7 +35,10 @@ def client_method(context: Context) -> ClientMethod:
     cid = client_id(context)
     federation = load_federation(cfg, device)
     _, client_cls = lookup(cfg.strategy.name)
-    return client_cls(cfg, cid, federation, PersonalState(context, cid, device), device)
+    server_round = int(msg.content.config_records[CONFIG]["server-round"])
+    state = PersonalState(context, cid, device, server_round, cfg.client_state_dir or None,
+                          after_training=msg.metadata.message_type != MessageType.TRAIN)
+    return client_cls(cfg, cid, federation, state, device)
 
 
 def _received(msg: Message, device: torch.device) -> tuple[dict, dict]:
@@ -55,7 +58,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    method = client_method(context)
+    method = client_method(context, msg)
     received, config = _received(msg, method.device)
     result = method.train(received, config)
     metrics = MetricRecord({**result.metrics, "num-examples": result.num_examples})
@@ -64,7 +67,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train("personalize")
 def personalize(msg: Message, context: Context) -> Message:
-    method = client_method(context)
+    method = client_method(context, msg)
     received, config = _received(msg, method.device)
     metrics = MetricRecord(method.personalize(received, config))
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
@@ -72,7 +75,7 @@ def personalize(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    method = client_method(context)
+    method = client_method(context, msg)
     received, config = _received(msg, method.device)
     scores = method.evaluate(received, config)
     metrics = MetricRecord({**scores, "num-examples": method.data.num_test})

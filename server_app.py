@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import time
 from logging import INFO
+from pathlib import Path
 
 import torch
 from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
 
 from strategies import lookup
-from task.config import compose_config
+from strategies.base import PFLStrategy
+from task.config import ConfigError, compose_config
 from task.data import load_federation
 from task.models import build_model
 from task.outputs import RunOutputs, default_output_dir
 
 app = ServerApp()
+CHECKPOINT = "checkpoint.npz"
+# Keys that may differ between a run and its resumption.
+RESUME_FREE_KEYS = ("resume", "output_dir", "num_rounds", "round_timeout", "node_wait_timeout")
 
 
 def progress_line(row: dict, num_rounds: int) -> str:
@@ -35,32 +41,54 @@ def progress_line(row: dict, num_rounds: int) -> str:
     return " | ".join(parts)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    started = time.monotonic()
-    cfg = compose_config(str(context.run_config.get("overrides", "")))
-    outputs = RunOutputs(default_output_dir(cfg))
-    log(INFO, "pflower: %s on %s; outputs in %s", cfg.strategy.name, cfg.dataset.name, outputs.dir)
-    outputs.write_config(cfg)
-
+def build_strategy(cfg: DictConfig) -> PFLStrategy:
+    """The configured strategy, over the configured federation, with the run's initial model."""
     federation = load_federation(cfg, torch.device("cpu"))
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, federation.input_shape, federation.num_classes)
     server_cls, _ = lookup(cfg.strategy.name)
     sizes = [(c.num_train, c.num_test) for c in federation.clients]
-    strategy = server_cls.from_model(cfg, model, sizes)
+    return server_cls.from_model(cfg, model, sizes)
 
-    last: dict = {}
+
+def check_resumable(cfg: DictConfig, directory: Path) -> None:
+    """Refuse to resume a run whose saved config differs from this one (but for free keys)."""
+    if not (directory / CHECKPOINT).exists():
+        raise ConfigError(f"resume={directory}: no {CHECKPOINT} there")
+    saved = OmegaConf.to_container(OmegaConf.load(directory / "config.yaml"), resolve=True)
+    now = OmegaConf.to_container(cfg, resolve=True)
+    diffs = [k for k in sorted(set(saved) | set(now))
+             if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
+    if diffs:
+        raise ConfigError(f"resume={directory}: the config differs from the saved run's in {diffs}; "
+                          "pass the same overrides as the original run, plus resume=<dir>")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    started = time.monotonic()
+    cfg = compose_config(str(context.run_config.get("overrides", "")))
+    strategy = build_strategy(cfg)
+    first_round = 1
+    if cfg.resume:
+        directory = Path(cfg.resume).expanduser().resolve()
+        check_resumable(cfg, directory)
+        outputs = RunOutputs(directory)
+        first_round = strategy.load_checkpoint(directory / CHECKPOINT) + 1
+        outputs.truncate_rounds(first_round - 1)
+        log(INFO, "pflower: resuming %s after round %s", directory, first_round - 1)
+    else:
+        outputs = RunOutputs(default_output_dir(cfg))
+        outputs.write_config(cfg)
+    log(INFO, "pflower: %s on %s; outputs in %s", cfg.strategy.name, cfg.dataset.name, outputs.dir)
 
     def on_round(row: dict) -> None:
         outputs.append_round(row)
-        if row.get("per_client_accuracy"):
-            last.update(row["per_client_accuracy"])
         log(INFO, "%s", progress_line(row, int(cfg.num_rounds)))
 
     strategy.start(grid, num_rounds=int(cfg.num_rounds), timeout=float(cfg.round_timeout),
-                   on_round=on_round)
-    results = outputs.write_results(time.monotonic() - started, last)
+                   first_round=first_round, on_round=on_round, checkpoint=outputs.dir / CHECKPOINT)
+    results = outputs.write_results(time.monotonic() - started)
     outputs.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
     final = results["last_evaluated_round"] or {}
     log(INFO, "pflower: done in %.1fs; final personal accuracy %s; results in %s",

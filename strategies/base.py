@@ -23,11 +23,15 @@ short, backing-off poll (Flower 1.41's ``send_and_receive`` sleeps 3 s between p
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -45,6 +49,7 @@ CONFIG = "config"
 METRICS = "metrics"
 POLL_START_S = 0.005
 POLL_MAX_S = 0.2
+CHECKPOINT_META = "__meta__"
 
 
 @dataclass
@@ -177,6 +182,46 @@ class PFLStrategy(Strategy):
         """Extra per-round values written to metrics.jsonl."""
         return {}
 
+    def state_arrays(self) -> dict[str, StateDict]:
+        """The strategy's array state for its checkpoint (models, corrections, centres)."""
+        return {"global": self.global_state}
+
+    def state_scalars(self) -> dict[str, Any]:
+        """The strategy's JSON-able state for its checkpoint (running means, counters)."""
+        return {}
+
+    def load_state(self, arrays: dict[str, StateDict], scalars: dict[str, Any]) -> None:
+        """Restore what ``state_arrays`` and ``state_scalars`` returned."""
+        self.global_state = arrays["global"]
+
+    # --- checkpoints ------------------------------------------------------------------
+    def save_checkpoint(self, path: Path, server_round: int) -> None:
+        """Write the whole server state after ``server_round`` atomically to ``path``."""
+        meta = {"round": server_round, "rng": self.rng.bit_generator.state,
+                "scalars": self.state_scalars(), "strategy": self.name}
+        arrays = {f"{group}/{key}": value.detach().cpu().numpy()
+                  for group, state in self.state_arrays().items() for key, value in state.items()}
+        arrays[CHECKPOINT_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: Path) -> int:
+        """Restore the state ``save_checkpoint`` wrote; return the last completed round."""
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data[CHECKPOINT_META]).decode())
+            if meta["strategy"] != self.name:
+                raise ValueError(f"{path} is a {meta['strategy']} checkpoint, not {self.name}")
+            arrays: dict[str, StateDict] = {}
+            for name in data.files:
+                if name != CHECKPOINT_META:
+                    group, key = name.split("/", 1)
+                    arrays.setdefault(group, {})[key] = torch.from_numpy(data[name].copy())
+        self.rng.bit_generator.state = meta["rng"]
+        self.load_state(arrays, meta["scalars"])
+        return int(meta["round"])
+
     # --- clients and sampling ---------------------------------------------------------
     def discover(self, grid: Grid, timeout: float) -> None:
         """Learn which client (partition id) each connected node serves."""
@@ -241,6 +286,7 @@ class PFLStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, aggregate the valid ones, return the global model and loss."""
         valid = [r for r in (self.validate_train_reply(m) for m in replies) if r is not None]
+        valid.sort(key=lambda r: r.cid)  # arrival order must not change the floating-point sum
         if len(valid) < int(self.cfg.min_replies):
             log(WARNING, "round %s: %s valid replies < min_replies=%s; round skipped",
                 server_round, len(valid), self.cfg.min_replies)
@@ -290,11 +336,13 @@ class PFLStrategy(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None, evaluate_fn: Any = None,
-              *, first_round: int = 1, on_round: Callable[[dict], None] | None = None) -> Result:
+              *, first_round: int = 1, on_round: Callable[[dict], None] | None = None,
+              checkpoint: Path | None = None) -> Result:
         """Run rounds ``first_round..num_rounds``; evaluate every ``eval_every`` and the last.
 
         Flower's ``Strategy.start`` signature, with ``on_round`` called with every round's
-        metrics row (the ServerApp writes it out) and ``first_round`` for resumed runs.
+        metrics row (the ServerApp writes it out), ``first_round`` for resumed runs, and the
+        whole server state written to ``checkpoint`` after every round.
         """
         self.discover(grid, float(self.cfg.node_wait_timeout))
         result = Result()
@@ -303,6 +351,8 @@ class PFLStrategy(Strategy):
             row = self.run_round(grid, server_round, timeout, evaluate)
             if on_round is not None:
                 on_round(row)
+            if checkpoint is not None:
+                self.save_checkpoint(checkpoint, server_round)
         result.arrays = to_record(self.global_state)
         return result
 

@@ -71,17 +71,18 @@ class RunOutputs:
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.dir / name, json.dumps(jsonable(payload), indent=2))
 
-    def write_results(self, wall_seconds: float, per_client: dict[int, float] | None) -> dict:
+    def write_results(self, wall_seconds: float) -> dict:
         """Summarise metrics.jsonl into results.json: last and best round, totals."""
         rows = self.rounds()
         evaluated = [r for r in rows if r.get("personalized_accuracy")]
+        per_client = evaluated[-1].get("per_client_accuracy", {}) if evaluated else {}
         best = max(evaluated, key=lambda r: r["personalized_accuracy"]["mean"], default=None)
         results = {
             "num_rounds": len(rows),
             "last_round": rows[-1] if rows else None,
             "last_evaluated_round": evaluated[-1] if evaluated else None,
             "best_round": best,
-            "per_client_accuracy": {str(k): v for k, v in sorted((per_client or {}).items())},
+            "per_client_accuracy": per_client,
             "bytes_up": sum(r.get("bytes_up", 0) for r in rows),
             "bytes_down": sum(r.get("bytes_down", 0) for r in rows),
             "rejected_replies": sum(r.get("rejected_replies", 0) for r in rows),

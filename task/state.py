@@ -3,81 +3,125 @@
 Every method keeps what must survive between rounds (personal model, BN statistics, sparse
 part, dual variables, running scalars) through this one helper. It lives in
 ``context.state`` (a RecordDict that Flower keeps for the node between rounds); when the
-node is given a ``state-dir`` in its node config, every save is also written to disk
-atomically (``<state-dir>/client-<cid>/<name>.npz``, numpy format, no pickle), so that a
-SuperNode restart loses nothing.
+node has a state directory (node config ``state-dir``, or the run's ``client_state_dir``),
+every save is also written to disk atomically (``<dir>/client-<cid>/<name>.npz``, numpy
+format, no pickle), so that a SuperNode restart loses nothing.
+
+Each saved entry is tagged with the round that wrote it, and the previous version is kept:
+``load`` in round r's training returns the newest version written before round r (later
+phases of round r also see round r's own). A run resumed from
+the server's checkpoint after round k therefore sees every client's state as of round k,
+even if the crash came while some clients had already saved round k+1.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 
 StateDict = dict[str, torch.Tensor]
-SCALARS = "scalars"
+META = "__round__"
 
 
 class PersonalState:
-    """Named state dicts and scalars of one client, persisted across rounds."""
+    """Named state dicts (and scalars, stored as 0-d arrays) of one client, kept across rounds."""
 
-    def __init__(self, context: Context, cid: int, device: torch.device):
+    def __init__(self, context: Context, cid: int, device: torch.device, server_round: int = 1,
+                 state_dir: str | None = None, after_training: bool = False):
         self.record = context.state
         self.device = device
-        state_dir = context.node_config.get("state-dir")
-        self.dir = Path(str(state_dir)) / f"client-{cid}" if state_dir else None
+        self.round = server_round
+        # Training in round r reads what rounds < r saved; later phases of round r (personalize,
+        # evaluate) also see what round r's training saved.
+        self.visible = server_round if after_training else server_round - 1
+        root = context.node_config.get("state-dir") or state_dir
+        self.dir = Path(str(root)) / f"client-{cid}" if root else None
+        # Versions live here as numpy dicts: {name: [(round, arrays), ...]} newest first.
+        self._versions: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
 
+    # --- public API ---------------------------------------------------------------------
     def load(self, name: str) -> StateDict | None:
-        """The state dict saved under ``name``, or None if this client has none yet."""
-        key = f"arrays.{name}"
-        if key not in self.record.array_records and self.dir is not None:
-            self._load_from_disk(name)
-        if key not in self.record.array_records:
+        """The newest version of ``name`` visible in this phase of the round, or None."""
+        arrays = self._load_arrays(name)
+        if arrays is None:
             return None
-        items = self.record.array_records[key].items()
-        return {k: torch.from_numpy(v.numpy().copy()).to(self.device) for k, v in items}
+        return {k: torch.from_numpy(v.copy()).to(self.device) for k, v in arrays.items()}
 
     def save(self, name: str, state: StateDict) -> None:
-        arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
-        self.record.array_records[f"arrays.{name}"] = ArrayRecord(
-            {k: torch.from_numpy(a) for k, a in arrays.items()}
-        )
-        if self.dir is not None:
-            self._atomic_write(f"{name}.npz", lambda f: np.savez(f, **arrays))
+        """Save ``state`` as this round's version of ``name`` (the previous one is kept)."""
+        self._save_arrays(name, {k: v.detach().cpu().numpy() for k, v in state.items()})
 
-    def scalars(self) -> dict:
-        """Scalars saved with ``save_scalars`` (empty if none)."""
-        if SCALARS not in self.record.config_records and self.dir is not None:
-            path = self.dir / f"{SCALARS}.npz"
+    def scalars(self, name: str = "scalars") -> dict[str, float]:
+        arrays = self._load_arrays(name)
+        return {} if arrays is None else {k: v.item() for k, v in arrays.items()}
+
+    def save_scalars(self, values: dict[str, float], name: str = "scalars") -> None:
+        self._save_arrays(name, {k: np.asarray(v, dtype=np.float64) for k, v in values.items()})
+
+    # --- versions -----------------------------------------------------------------------
+    def _load_arrays(self, name: str) -> dict[str, np.ndarray] | None:
+        versions = self._read_versions(name)
+        return next((arrays for r, arrays in versions if r <= self.visible), None)
+
+    def _save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        older = [(r, a) for r, a in self._read_versions(name) if r < self.round][:1]
+        versions = [(self.round, arrays), *older]
+        self._versions[name] = versions
+        self._write_record(name, versions)
+        if self.dir is not None:
+            for slot, (r, a) in zip(("", ".prev"), versions, strict=False):
+                self._atomic_savez(f"{name}{slot}.npz", {**a, META: np.asarray(r)})
+
+    def _read_versions(self, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:
+        if name not in self._versions:
+            versions = self._read_record(name)
+            if not versions and self.dir is not None:
+                versions = self._read_disk(name)
+            self._versions[name] = versions
+        return self._versions[name]
+
+    def _write_record(self, name: str, versions: list) -> None:
+        from flwr.app import ArrayRecord, ConfigRecord
+
+        for slot, (_, arrays) in zip(("", ".prev"), versions, strict=False):
+            self.record.array_records[f"state.{name}{slot}"] = ArrayRecord(
+                {k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+        rounds = [r for r, _ in versions]
+        self.record.config_records[f"state.{name}.rounds"] = ConfigRecord({"rounds": json.dumps(rounds)})
+
+    def _read_record(self, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:
+        meta = self.record.config_records.get(f"state.{name}.rounds")
+        if meta is None:
+            return []
+        rounds = json.loads(str(meta["rounds"]))
+        out = []
+        for slot, r in zip(("", ".prev"), rounds, strict=False):
+            record = self.record.array_records[f"state.{name}{slot}"]
+            out.append((r, {k: a.numpy() for k, a in record.items()}))
+        return out
+
+    def _read_disk(self, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:
+        out = []
+        for slot in ("", ".prev"):
+            path = self.dir / f"{name}{slot}.npz"
             if path.exists():
                 with np.load(path, allow_pickle=False) as data:
-                    self.record.config_records[SCALARS] = ConfigRecord(
-                        {k: data[k].tolist() for k in data.files})
-        return dict(self.record.config_records.get(SCALARS, ConfigRecord()))
+                    arrays = {k: data[k] for k in data.files if k != META}
+                    out.append((int(data[META]), arrays))
+        return sorted(out, key=lambda v: -v[0])
 
-    def save_scalars(self, values: dict) -> None:
-        self.record.config_records[SCALARS] = ConfigRecord(values)
-        if self.dir is not None:
-            self._atomic_write(f"{SCALARS}.npz",
-                               lambda f: np.savez(f, **{k: np.asarray(v) for k, v in values.items()}))
-
-    def _load_from_disk(self, name: str) -> None:
-        path = self.dir / f"{name}.npz"
-        if path.exists():
-            with np.load(path, allow_pickle=False) as data:
-                self.record.array_records[f"arrays.{name}"] = ArrayRecord(
-                    {k: torch.from_numpy(data[k].copy()) for k in data.files})
-
-    def _atomic_write(self, filename: str, write) -> None:
+    def _atomic_savez(self, filename: str, arrays: dict[str, np.ndarray]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                write(f)
+                np.savez(f, **arrays)
             os.replace(tmp, self.dir / filename)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -25,15 +25,20 @@ def make_context(cid: int, state_dir: str | None = None) -> Context:
                    run_config={})
 
 
-def client(cfg, cid: int, context: Context | None = None):
-    """The client half of cfg's strategy for client ``cid`` on CPU."""
+def client(cfg, cid: int, context: Context | None = None, server_round: int = 1, after: bool = False):
+    """The client half of cfg's strategy for client ``cid`` on CPU, in one phase of a round.
+
+    ``after=False`` is a training phase (sees state saved before ``server_round``);
+    ``after=True`` a later phase of the round (also sees what its training saved).
+    """
     from task.state import PersonalState
 
     device = torch.device("cpu")
     fed = load_federation(cfg, device)
     context = context or make_context(cid)
     _, cls = lookup(cfg.strategy.name)
-    return cls(cfg, cid, fed, PersonalState(context, cid, device), device)
+    state = PersonalState(context, cid, device, server_round, after_training=after)
+    return cls(cfg, cid, fed, state, device)
 
 
 def server(cfg):

@@ -10,7 +10,7 @@ from task.models import batchnorm_keys
 from task.params import weighted_mean
 
 from .fake_grid import FakeGrid
-from .helpers import TINY, client, server, tiny_cfg
+from .helpers import TINY, client, make_context, server, tiny_cfg
 
 
 def _distance(a: dict, b: dict) -> float:
@@ -50,12 +50,13 @@ def test_fedprox_penalty_keeps_the_model_closer_to_the_global_one():
 def test_fedbn_keeps_batchnorm_local_and_never_sends_it():
     cfg = tiny_cfg("strategy=fedbn")
     st = server(cfg)
-    c = client(cfg, 1)
+    context = make_context(1)
+    c = client(cfg, 1, context)
     bn = batchnorm_keys(c.model("main"))
     assert bn and not bn & set(st.global_state)
     result = c.train(st.global_state, {"server-round": 1})
     assert not bn & set(result.upload)
-    saved = c.state.load("bn")
+    saved = client(cfg, 1, context, after=True).state.load("bn")
     assert set(saved) == bn
     # The running statistics moved away from their initial values during local training.
     assert not torch.equal(saved[next(k for k in bn if k.endswith("running_mean"))],
@@ -66,23 +67,25 @@ def test_local_sends_nothing_and_its_personal_model_persists():
     cfg = tiny_cfg("strategy=local")
     st = server(cfg)
     assert st.train_arrays(0, 1) == {}
-    c = client(cfg, 0)
-    first = c.train({}, {"server-round": 1})
+    context = make_context(0)
+    first = client(cfg, 0, context, server_round=1).train({}, {"server-round": 1})
     assert first.upload == {}
-    after_one = c.state.load("personal")
-    c.train({}, {"server-round": 2})
-    assert _distance(c.state.load("personal"), after_one) > 0
+    after_one = client(cfg, 0, context, server_round=2).state.load("personal")
+    assert after_one is not None
+    client(cfg, 0, context, server_round=2).train({}, {"server-round": 2})
+    after_two = client(cfg, 0, context, server_round=2, after=True).state.load("personal")
+    assert _distance(after_two, after_one) > 0
 
 
 def test_ditto_personal_model_is_kept_and_pulled_towards_the_global_one():
-    loose = client(tiny_cfg("strategy=ditto strategy.lam=0.001"), 0)
-    tight = client(tiny_cfg("strategy=ditto strategy.lam=5.0"), 0)
     start = server(tiny_cfg("strategy=ditto")).global_state
-    for c in (loose, tight):
-        result = c.train(start, {"server-round": 1})
+    personal = {}
+    for lam in (0.001, 5.0):
+        cfg, context = tiny_cfg(f"strategy=ditto strategy.lam={lam}"), make_context(0)
+        result = client(cfg, 0, context).train(start, {"server-round": 1})
         assert set(result.upload) == set(start)
-        assert c.state.load("personal") is not None
-    assert _distance(tight.state.load("personal"), start) < _distance(loose.state.load("personal"), start)
+        personal[lam] = client(cfg, 0, context, after=True).state.load("personal")
+    assert _distance(personal[5.0], start) < _distance(personal[0.001], start)
 
 
 def test_fedavg_ft_fine_tunes_before_scoring_without_touching_state():

@@ -1,0 +1,201 @@
+"""Malformed replies, failing and silent clients, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+
+import server_app
+from strategies import REGISTRY
+from strategies.base import ARRAYS, METRICS, TrainReply
+from task.params import from_record
+from task.state import PersonalState
+
+from .fake_grid import FakeGrid
+from .helpers import TINY, make_context, server, tiny_cfg
+
+VICTIM = 0  # the node whose first train reply gets corrupted
+
+
+def _replace_arrays(msg: Message, reply: Message, change) -> Message:
+    arrays = reply.content.array_records[ARRAYS]
+    new = {k: change(k, a.numpy()) for k, a in arrays.items()}
+    new = {k: v for k, v in new.items() if v is not None}
+    content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in new.items()}),
+                          METRICS: reply.content.metric_records[METRICS]})
+    return _with_content(msg, reply, content)
+
+
+def _with_content(msg: Message, reply: Message, content: RecordDict) -> Message:
+    out = Message(content, reply_to=msg)
+    out.metadata.__dict__["_src_node_id"] = reply.metadata.src_node_id
+    return out
+
+
+def _with_metrics(msg: Message, reply: Message, **changes) -> Message:
+    metrics = dict(reply.content.metric_records[METRICS])
+    metrics.update(changes)
+    content = RecordDict({ARRAYS: reply.content.array_records[ARRAYS], METRICS: MetricRecord(metrics)})
+    return _with_content(msg, reply, content)
+
+
+def _first_float(fn):
+    """Apply ``fn`` to the first floating array only (others unchanged)."""
+    seen = []
+
+    def change(key, value):
+        if value.dtype.kind == "f" and not seen:
+            seen.append(key)
+            return fn(value)
+        return value
+    return change
+
+
+MALFORMED = {
+    "nan": lambda m, r: _replace_arrays(m, r, _first_float(lambda v: np.full_like(v, np.nan))),
+    "inf": lambda m, r: _replace_arrays(m, r, _first_float(lambda v: np.full_like(v, np.inf))),
+    "wrong_shape": lambda m, r: _replace_arrays(m, r, _first_float(lambda v: np.zeros(v.size + 1, v.dtype))),
+    "wrong_dtype": lambda m, r: _replace_arrays(m, r, _first_float(lambda v: v.astype(np.float64))),
+    "empty_array": lambda m, r: _replace_arrays(m, r, _first_float(lambda v: np.zeros(0, v.dtype))),
+    "missing_key": lambda m, r: _replace_arrays(m, r, _first_float(lambda v: None)),
+    "extra_key": lambda m, r: _with_content(m, r, RecordDict({
+        ARRAYS: ArrayRecord({**dict(r.content.array_records[ARRAYS].items()),
+                             "intruder": Array(np.ones(3, np.float32))}),
+        METRICS: r.content.metric_records[METRICS]})),
+    "missing_arrays_record": lambda m, r: _with_content(
+        m, r, RecordDict({METRICS: r.content.metric_records[METRICS]})),
+    "missing_metrics_record": lambda m, r: _with_content(
+        m, r, RecordDict({ARRAYS: r.content.array_records[ARRAYS]})),
+    "negative_num_examples": lambda m, r: _with_metrics(m, r, **{"num-examples": -5}),
+    "zero_num_examples": lambda m, r: _with_metrics(m, r, **{"num-examples": 0}),
+    "huge_num_examples": lambda m, r: _with_metrics(m, r, **{"num-examples": 10**9}),
+    "float_num_examples": lambda m, r: _with_metrics(m, r, **{"num-examples": 12.5}),
+    "nan_metric": lambda m, r: _with_metrics(m, r, train_loss=float("nan")),
+    "client_raised": lambda m, r: _error_reply(m, r),
+}
+
+
+def _error_reply(msg: Message, reply: Message) -> Message:
+    out = Message(Error(code=0, reason="ValueError('boom')"), reply_to=msg)
+    out.metadata.__dict__["_src_node_id"] = reply.metadata.src_node_id
+    return out
+
+
+def _run_one_round(name: str, kind: str | None):
+    """Round 1 of ``name`` on 4 clients with node VICTIM's train reply corrupted by ``kind``.
+
+    Returns the strategy, the round's row and the untouched train replies of the others.
+    """
+    honest: list[TrainReply] = []
+
+    def tamper(msg, reply):
+        if msg.metadata.message_type != "train":
+            return reply
+        cid = msg.metadata.dst_node_id - 100
+        if cid != VICTIM:
+            m = reply.content.metric_records[METRICS]
+            honest.append(TrainReply(cid, from_record(reply.content.array_records[ARRAYS]),
+                                     int(m["num-examples"]), dict(m)))
+            return reply
+        return MALFORMED[kind](msg, reply)
+
+    st = server(tiny_cfg(f"strategy={name}"))
+    grid = FakeGrid(4, f"{TINY} strategy={name}", tamper=tamper)
+    st.discover(grid, 10)
+    row = st.run_round(grid, 1, timeout=10, evaluate=False)
+    return st, row, honest
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_malformed_reply_is_dropped_and_the_aggregate_is_that_of_the_valid_ones(name, kind):
+    if name == "local" and kind not in {"extra_key", "missing_arrays_record", "missing_metrics_record",
+                                        "negative_num_examples", "zero_num_examples", "client_raised",
+                                        "huge_num_examples", "float_num_examples", "nan_metric"}:
+        pytest.skip("local uploads no arrays: nothing to corrupt")
+    st, row, honest = _run_one_round(name, kind)
+    assert row["rejected_replies"] == 1, kind
+    assert sorted(r.cid for r in honest) == [1, 2, 3]
+    expected = server(tiny_cfg(f"strategy={name}"))
+    expected.aggregate_replies(1, honest)
+    assert set(st.global_state) == set(expected.global_state)
+    for key, value in expected.global_state.items():
+        assert torch.equal(st.global_state[key], value), (kind, key)
+
+
+# --- personal state versions --------------------------------------------------------------
+def test_personal_state_survives_a_restart_through_its_state_dir(tmp_path):
+    saved = {"w": torch.arange(4.0)}
+    PersonalState(make_context(0, str(tmp_path)), 0, torch.device("cpu"), 1).save("personal", saved)
+    fresh = make_context(0, str(tmp_path))  # a restarted node: empty context.state
+    loaded = PersonalState(fresh, 0, torch.device("cpu"), 2).load("personal")
+    assert torch.equal(loaded["w"], saved["w"])
+
+
+def test_a_resumed_round_sees_the_state_of_the_previous_round(tmp_path):
+    def state(ctx, r, after=False):
+        return PersonalState(ctx, 0, torch.device("cpu"), r, after_training=after)
+
+    ctx = make_context(0, str(tmp_path))
+    state(ctx, 1).save("p", {"w": torch.tensor([1.0])})
+    state(ctx, 2).save("p", {"w": torch.tensor([2.0])})  # round 2 saved, then the server crashed
+    assert float(state(make_context(0, str(tmp_path)), 2).load("p")["w"]) == 1.0  # redo round 2
+    assert float(state(ctx, 2, after=True).load("p")["w"]) == 2.0
+    assert float(state(ctx, 3).load("p")["w"]) == 2.0
+
+
+# --- checkpoint and resume through the real ServerApp --------------------------------------
+class _KilledError(Exception):
+    pass
+
+
+def _server_run(overrides: str, grid: FakeGrid, kill_after: int | None = None):
+    if kill_after is not None:
+        original = server_app.progress_line
+
+        def progress(row, n):
+            if row["round"] == kill_after:
+                raise _KilledError
+            return original(row, n)
+        server_app.progress_line = progress
+    try:
+        server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                      run_config={"overrides": overrides}))
+    finally:
+        if kill_after is not None:
+            server_app.progress_line = original
+
+
+@pytest.mark.parametrize("name", ["ditto", "fedbn"])
+def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, name):
+    base = f"{TINY} strategy={name} num_rounds=4 fraction_train=0.5"
+    full = f"{base} output_dir={tmp_path / 'full'} client_state_dir={tmp_path / 'full-state'}"
+    _server_run(full, FakeGrid(4, full))
+    part = f"{base} output_dir={tmp_path / 'part'} client_state_dir={tmp_path / 'part-state'}"
+    with pytest.raises(_KilledError):
+        # The on-round hook dies after round 2's metrics are written, before its checkpoint.
+        _server_run(part, FakeGrid(4, part), kill_after=2)
+    resumed = f"{part} resume={tmp_path / 'part'}"
+    _server_run(resumed, FakeGrid(4, resumed))  # fresh nodes: personal state from disk only
+
+    def rows(d):
+        return [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = rows("full"), rows("part")
+    assert [r["round"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["per_client_accuracy"] == rb["per_client_accuracy"]
+        assert ra["personalized_accuracy"] == pytest.approx(rb["personalized_accuracy"], abs=1e-12)
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6, abs=1e-9)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    run = f"{TINY} strategy=fedavg num_rounds=1 output_dir={tmp_path / 'r'}"
+    _server_run(run, FakeGrid(4, run))
+    other = f"{TINY} strategy=fedavg num_rounds=2 lr=0.5 resume={tmp_path / 'r'}"
+    with pytest.raises(Exception, match="differs from the saved run's in \\['lr'\\]"):
+        _server_run(other, FakeGrid(4, other))
