@@ -27,7 +27,7 @@ from flwr.app import Context, RecordDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from strategies.lgmix import FeatureRecorder, LGMixClient  # noqa: E402
+from strategies.lgmix import FeatureRecorder, LGMixClient, feature_trace  # noqa: E402
 from task.config import compose_config  # noqa: E402
 from task.data import load_federation  # noqa: E402
 from task.device import resolve_device  # noqa: E402
@@ -108,6 +108,23 @@ def main() -> None:
         t, c = statistics.median(times[name]), statistics.median(cpu[name])
         print(f"  {name:40s} {t * 1e3:9.1f} {100 * (t - base) / base:+8.1f}% "
               f"{c * 1e3:9.1f} {100 * (c - base_cpu) / base_cpu:+8.1f}%")
+    # The two traces alone, on an epoch's worth of features of every client (local and global).
+    features = []
+    for client in clients:
+        model = client.model("main", start)
+        recorder = FeatureRecorder(model)
+        client.fit(model, 1)
+        recorder.remove()
+        features.append(torch.cat(recorder.features))
+    sync(device)
+    began = time.process_time()
+    for _ in range(args.repeats):
+        for f in features:
+            feature_trace(f), feature_trace(f)
+    sync(device)
+    c = (time.process_time() - began) / args.repeats
+    name = "traces alone (feature_trace x 2)"
+    print(f"  {name:40s} {'':9s} {'':9s} {c * 1e3:9.1f} {100 * c / base_cpu:+8.1f}%")
     print("  (per epoch over all clients; overhead = extra time as a fraction of a plain epoch;"
           " CPU time is the process's, less sensitive to other load on the machine)")
 

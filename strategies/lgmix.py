@@ -17,6 +17,8 @@ persistent personal model theta_i (the first received w_g on first participation
    the update and stay the client's own).
 3. For F in {F_local, F_global}:  Fc = F - mean(F),  C = Fc^T Fc / N,
        t = trace(C) = sum(Fc ** 2) / N                      (feature_trace; no eigen-solver)
+   (the authors' code sums C's eigenvalues but the smallest: effectively trace(C)). With
+   E > 1 the features of all E epochs form F.
    c_i = t_local / (t_local + t_global).
    Upload Delta_i with c_i; keep theta_i = old + Delta_i ("pending").
 4. Server, replies S_t with p_j = n_j / sum_{k in S_t} n_k:
