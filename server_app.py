@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from strategies import lookup
 from strategies.base import PFLStrategy
 from task.config import ConfigError, compose_config
-from task.data import load_federation
+from task.data import Federation, load_federation
 from task.models import build_model
 from task.outputs import RunOutputs, default_output_dir
+from task.partitions import write_partition_report
 
 app = ServerApp()
 CHECKPOINT = "checkpoint.npz"
@@ -41,9 +42,8 @@ def progress_line(row: dict, num_rounds: int) -> str:
     return " | ".join(parts)
 
 
-def build_strategy(cfg: DictConfig) -> PFLStrategy:
+def build_strategy(cfg: DictConfig, federation: Federation) -> PFLStrategy:
     """The configured strategy, over the configured federation, with the run's initial model."""
-    federation = load_federation(cfg, torch.device("cpu"))
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, federation.input_shape, federation.num_classes)
     server_cls, _ = lookup(cfg.strategy.name)
@@ -68,7 +68,8 @@ def check_resumable(cfg: DictConfig, directory: Path) -> None:
 def main(grid: Grid, context: Context) -> None:
     started = time.monotonic()
     cfg = compose_config(str(context.run_config.get("overrides", "")))
-    strategy = build_strategy(cfg)
+    federation = load_federation(cfg, torch.device("cpu"))
+    strategy = build_strategy(cfg, federation)
     first_round = 1
     if cfg.resume:
         directory = Path(cfg.resume).expanduser().resolve()
@@ -80,6 +81,7 @@ def main(grid: Grid, context: Context) -> None:
     else:
         outputs = RunOutputs(default_output_dir(cfg))
         outputs.write_config(cfg)
+        write_partition_report(federation, outputs.dir)
     log(INFO, "pflower: %s on %s; outputs in %s", cfg.strategy.name, cfg.dataset.name, outputs.dir)
 
     def on_round(row: dict) -> None:

@@ -6,6 +6,7 @@ stopped when the tests end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,10 +31,8 @@ def stop_local_superlink(flwr_home: Path) -> None:
     for pid in _pids_matching(f"flower-superlink.*{flwr_home}"):
         children = _pids_matching(f"--parent-pid {pid}")
         for target in [pid, *children]:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(os.getpgid(target), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
     time.sleep(0.5)
 
 
