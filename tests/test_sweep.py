@@ -1,0 +1,40 @@
+"""The sweep tool's grid expansion and summary (jobs faked: no Flower run here)."""
+
+from __future__ import annotations
+
+import json
+
+from task.sweep import expand, group_key, job_name, summarize
+
+
+def test_expand_takes_the_cartesian_product_of_swept_values():
+    combos = expand(["strategy=lgmix,fedavg", "seed=range(0,3)", "num_rounds=2"])
+    assert len(combos) == 6
+    assert ["strategy=fedavg", "seed=2", "num_rounds=2"] in combos
+    assert group_key(combos[0]) == "strategy=lgmix num_rounds=2"
+    assert job_name(["dataset.domains=[a,b]", "seed=1"]) == "dataset.domains-a-b-_seed-1"
+
+
+def _fake_job(directory, accs, global_acc=0.5):
+    directory.mkdir(parents=True)
+    rows = [{"round": i + 1, "personalized_accuracy": {"mean": a, "weighted": a, "worst": a / 2},
+             "global_accuracy": global_acc} for i, a in enumerate(accs)]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best = max(rows, key=lambda r: r["personalized_accuracy"]["mean"])
+    (directory / "results.json").write_text(json.dumps({
+        "last_evaluated_round": rows[-1], "best_round": best, "bytes_up": 1e6, "bytes_down": 2e6,
+        "wall_seconds": 3.0}))
+
+
+def test_summary_averages_over_seeds_and_writes_table_and_plot(tmp_path):
+    _fake_job(tmp_path / "a0", [0.2, 0.6])
+    _fake_job(tmp_path / "a1", [0.3, 0.8])
+    _fake_job(tmp_path / "b0", [0.1, 0.4], global_acc=None)
+    rows = summarize({"strategy=a": [tmp_path / "a0", tmp_path / "a1"],
+                      "strategy=b": [tmp_path / "b0"]}, tmp_path)
+    a = rows[0]
+    assert a["seeds"] == 2 and abs(a["final_mean"] - 0.7) < 1e-12 and abs(a["final_mean_std"] - 0.1) < 1e-12
+    assert abs(a["mbytes_total"] - 3.0) < 1e-12 and rows[1]["final_global"] is None
+    table = (tmp_path / "summary.md").read_text()
+    assert "0.7000 ± 0.1000" in table and "| strategy=b | 1 |" in table
+    assert (tmp_path / "summary.png").stat().st_size > 0 and (tmp_path / "summary.csv").exists()
