@@ -23,8 +23,9 @@ from strategies.lgmix import (
 from task.params import from_record, to_record
 from task.state import PersonalState
 from task.training import train_epochs
-from tests.fake_grid import FakeGrid
-from tests.helpers import TINY, server, tiny_cfg
+
+from .fake_grid import FakeGrid
+from .helpers import TINY, server, tiny_cfg
 
 OVERRIDES = "strategy=lgmix fraction_train=0.5"
 
