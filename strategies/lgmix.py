@@ -272,7 +272,7 @@ def plot_cbar(rows: list[dict[str, Any]], path: str | Path) -> Path:
            ylim=(0, 1))
     ax.grid(alpha=0.3)
     if series:
-        ax.legend(fontsize="small", ncol=2)
+        ax.legend(fontsize="small", ncol=2, loc="lower left")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
