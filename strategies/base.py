@@ -222,6 +222,10 @@ class PFLStrategy(Strategy):
         self.load_state(arrays, meta["scalars"])
         return int(meta["round"])
 
+    def plot(self, rows: list[dict], directory: Path) -> list[Path]:
+        """Method-specific PNGs from the run's metrics rows (none by default)."""
+        return []
+
     # --- clients and sampling ---------------------------------------------------------
     def discover(self, grid: Grid, timeout: float) -> None:
         """Learn which client (partition id) each connected node serves."""

@@ -175,6 +175,9 @@ class LGMix(PFLStrategy):
     def round_metrics(self, server_round):
         return {"lgmix": self.round_values.get(server_round, {})}
 
+    def plot(self, rows, directory):
+        return [plot_cbar(rows, directory / "cbar.png")]
+
     def state_scalars(self):
         """Checkpointed bookkeeping: every client's cbar_i and count (Dbar lives one round only)."""
         return {**super().state_scalars(), "cbar": {str(c): v for c, v in self.cbar.items()},
