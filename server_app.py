@@ -92,6 +92,7 @@ def main(grid: Grid, context: Context) -> None:
                    first_round=first_round, on_round=on_round, checkpoint=outputs.dir / CHECKPOINT)
     results = outputs.write_results(time.monotonic() - started)
     outputs.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
+    strategy.plot(outputs.rounds(), outputs.dir)
     final = results["last_evaluated_round"] or {}
     log(INFO, "pflower: done in %.1fs; final personal accuracy %s; results in %s",
         results["wall_seconds"], (final.get("personalized_accuracy") or {}).get("mean"),
