@@ -33,7 +33,7 @@ def num_clients(overrides: str) -> int:
     return len(build_federation(compose_config(overrides)).clients)
 
 
-def flwr_command(overrides: str, clients: int, cpus: float, gpus: float) -> list[str]:
+def flwr_command(overrides: str, clients: int, cpus: int, gpus: float) -> list[str]:
     run_config = f"overrides={_toml_string(overrides)}"
     federation = (f"num-supernodes={clients} client-resources-num-cpus={cpus} "
                   f"client-resources-num-gpus={gpus}")
@@ -48,7 +48,7 @@ def _toml_string(value: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pflower-sim", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=ditto num_rounds=5")
-    parser.add_argument("--cpus", type=float, default=1.0, help="CPUs per ClientApp (default 1)")
+    parser.add_argument("--cpus", type=int, default=1, help="CPUs per ClientApp (default 1)")
     parser.add_argument("--gpus", type=float, default=None,
                         help="GPU fraction per ClientApp (default: 0.2 when CUDA is present, else 0)")
     parser.add_argument("--dry-run", action="store_true", help="print the flwr command only")
