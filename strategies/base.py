@@ -42,14 +42,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from omegaconf import DictConfig
 
-from task.params import StateDict, from_record, model_state, to_record, weighted_mean
+from task.params import StateDict, model_state, to_record, weighted_mean
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 POLL_START_S = 0.005
-POLL_MAX_S = 0.2
+POLL_MAX_S = 0.05
 CHECKPOINT_META = "__meta__"
+EVAL_SAMPLE_STREAM = 0xE7A1  # second seed word of the evaluation sample's generator
 
 
 @dataclass
@@ -136,6 +137,8 @@ class PFLStrategy(Strategy):
         self.stats = RoundStats()
         self._sent_specs: dict[int, dict] = {}
         self._aggregated: list[int] = []
+        self._eval_sample: list[int] | None = None
+        self._node_cid: dict[int, int] = {}  # node id -> client id, rebuilt when it misses
 
     @classmethod
     def from_model(cls, cfg: DictConfig, model: torch.nn.Module,
@@ -274,12 +277,12 @@ class PFLStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """One message per sampled client, with that client's own arrays and config."""
         self._sent_specs = {}
-        records: dict[int, ArrayRecord] = {}
+        records: dict[int, tuple[StateDict, ArrayRecord]] = {}
         messages = []
         for cid in self.sample(server_round):
             sent = self.train_arrays(cid, server_round)
             self._sent_specs[cid] = self.expected_upload(cid, sent)
-            record = records.setdefault(id(sent), to_record(sent))
+            record = self._record(records, sent)
             self.stats.bytes_down += record.count_bytes()
             cfg = ConfigRecord({**dict(config), **self.train_config(cid, server_round),
                                 "server-round": server_round})
@@ -289,31 +292,52 @@ class PFLStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, aggregate the valid ones, return the global model and loss."""
+        metrics = self.aggregate_train_metrics(server_round, replies)
+        if metrics is None:
+            return None, None
+        return (to_record(self.global_state) if self.has_global_model else None), metrics
+
+    def aggregate_train_metrics(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """``aggregate_train`` without serialising the new global model (the round loop's step)."""
         valid = [r for r in (self.validate_train_reply(m) for m in replies) if r is not None]
         valid.sort(key=lambda r: r.cid)  # arrival order must not change the floating-point sum
         if len(valid) < int(self.cfg.min_replies):
             log(WARNING, "round %s: %s valid replies < min_replies=%s; round skipped",
                 server_round, len(valid), self.cfg.min_replies)
-            return None, None
+            return None
         self.aggregate_replies(server_round, valid)
         self._aggregated = [r.cid for r in valid]
         total = sum(r.num_examples for r in valid)
         loss = sum(r.metrics.get("train_loss", 0.0) * r.num_examples for r in valid) / total
-        metrics = MetricRecord({"train_loss": loss, "num-replies": len(valid)})
-        return (to_record(self.global_state) if self.has_global_model else None), metrics
+        return MetricRecord({"train_loss": loss, "num-replies": len(valid)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Every client scores its personal model on its own test split."""
-        records: dict[int, ArrayRecord] = {}
+        """Every client (or the fixed ``eval_fraction`` sample) scores its personal model."""
+        records: dict[int, tuple[StateDict, ArrayRecord]] = {}
         messages = []
-        for cid in sorted(self.clients):
+        for cid in self.eval_clients():
             sent = self.eval_arrays(cid)
-            record = records.setdefault(id(sent), to_record(sent))
+            record = self._record(records, sent)
             self.stats.bytes_down += record.count_bytes()
             cfg = ConfigRecord({**dict(config), "server-round": server_round})
             messages.append(self._message(cid, record, cfg, MessageType.EVALUATE))
         return messages
+
+    def eval_clients(self) -> list[int]:
+        """The clients that evaluate: all, or a fixed seeded ``eval_fraction`` sample of them.
+
+        The sample is drawn once from its own generator (seeded by the run's seed), so the same
+        clients score every evaluation round and training's sampling sequence is unchanged.
+        """
+        fraction = float(self.cfg.get("eval_fraction", 1.0))
+        if fraction >= 1.0:
+            return sorted(self.clients)
+        if self._eval_sample is None:
+            size = max(1, min(self.num_clients, round(fraction * self.num_clients)))
+            rng = np.random.default_rng([int(self.cfg.seed), EVAL_SAMPLE_STREAM])
+            self._eval_sample = sorted(int(c) for c in rng.choice(self.num_clients, size=size, replace=False))
+        return [cid for cid in self._eval_sample if cid in self.clients]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Mean, sample-weighted mean and worst client of the personal accuracies."""
@@ -369,7 +393,7 @@ class PFLStrategy(Strategy):
         messages = list(self.configure_train(server_round, None, ConfigRecord(), grid))
         replies, late = exchange(grid, messages, timeout)
         self.stats.late_replies += late
-        _, train_metrics = self.aggregate_train(server_round, replies)
+        train_metrics = self.aggregate_train_metrics(server_round, replies)
         if train_metrics is not None:
             self.personalize(grid, server_round, timeout)
         row: dict[str, Any] = {
@@ -383,6 +407,7 @@ class PFLStrategy(Strategy):
             eval_messages = list(self.configure_evaluate(server_round, None, ConfigRecord(), grid))
             eval_replies, late = exchange(grid, eval_messages, timeout)
             self.stats.late_replies += late
+            row["evaluated_clients"] = len(eval_messages)
             metrics = self.aggregate_evaluate(server_round, eval_replies)
             if metrics is not None:
                 row.update(self._eval_row(metrics))
@@ -397,13 +422,13 @@ class PFLStrategy(Strategy):
 
     def personalize(self, grid: Grid, server_round: int, timeout: float) -> None:
         """The optional phase after aggregation (see ``personalize_arrays``)."""
-        records: dict[int, ArrayRecord] = {}
+        records: dict[int, tuple[StateDict, ArrayRecord]] = {}
         messages = []
         for cid in self._aggregated:
             sent = self.personalize_arrays(cid, server_round)
             if sent is None:
                 continue
-            record = records.setdefault(id(sent), to_record(sent))
+            record = self._record(records, sent)
             self.stats.bytes_down += record.count_bytes()
             cfg = ConfigRecord({**self.personalize_config(cid, server_round), "server-round": server_round})
             messages.append(self._message(cid, record, cfg, f"{MessageType.TRAIN}.personalize"))
@@ -428,7 +453,12 @@ class PFLStrategy(Strategy):
     # --- validation -------------------------------------------------------------------
     def _cid_of(self, message: Message) -> int | None:
         node = message.metadata.src_node_id
-        return next((c.cid for c in self.clients.values() if c.node_id == node), None)
+        cid = self._node_cid.get(node)
+        info = self.clients.get(cid) if cid is not None else None
+        if info is None or info.node_id != node:  # a node (re)connected: rebuild the index
+            self._node_cid = {c.node_id: c.cid for c in self.clients.values()}
+            cid = self._node_cid.get(node)
+        return cid
 
     def validate_train_reply(self, message: Message) -> TrainReply | None:
         """The reply as a TrainReply, or None (rejected and counted) if anything is off."""
@@ -445,7 +475,8 @@ class PFLStrategy(Strategy):
             return None
         record = content.array_records[ARRAYS]
         self.stats.bytes_up += record.count_bytes()
-        problem = self._array_problem(record, self._sent_specs[cid])
+        decoded: dict[str, np.ndarray] = {}
+        problem = self._array_problem(record, self._sent_specs[cid], decoded)
         if problem is None:
             problem = self._num_examples_problem(content.metric_records[METRICS], cid, train=True)
         if problem is not None:
@@ -455,10 +486,13 @@ class PFLStrategy(Strategy):
         if not all(math.isfinite(float(v)) for v in metrics.values() if isinstance(v, int | float)):
             self.stats.reject(cid, "non-finite metric")
             return None
-        return TrainReply(cid, from_record(record), int(metrics["num-examples"]), metrics)
+        # The arrays as decoded once for validation (what ``from_record`` would return).
+        arrays = {k: torch.from_numpy(v) for k, v in decoded.items()}
+        return TrainReply(cid, arrays, int(metrics["num-examples"]), metrics)
 
     @staticmethod
-    def _array_problem(record: ArrayRecord, spec: dict) -> str | None:
+    def _array_problem(record: ArrayRecord, spec: dict, decoded: dict | None = None) -> str | None:
+        """Why ``record`` does not match ``spec`` (None if it does); fills ``decoded`` as it checks."""
         if set(record.keys()) != set(spec):
             extra, missing = set(record.keys()) - set(spec), set(spec) - set(record.keys())
             return f"array keys differ (extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]})"
@@ -469,6 +503,8 @@ class PFLStrategy(Strategy):
             values = array.numpy()
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 return f"{key}: non-finite values"
+            if decoded is not None:
+                decoded[key] = values
         return None
 
     def _num_examples_problem(self, metrics: MetricRecord, cid: int, train: bool) -> str | None:
@@ -499,6 +535,13 @@ class PFLStrategy(Strategy):
             self.stats.reject(cid, problem)
             return None
         return cid, metrics
+
+    @staticmethod
+    def _record(cache: dict[int, tuple[StateDict, ArrayRecord]], sent: StateDict) -> ArrayRecord:
+        """``sent`` as an ArrayRecord, serialised once per phase however many clients get it."""
+        if id(sent) not in cache:
+            cache[id(sent)] = (sent, to_record(sent))  # keeps ``sent`` alive: its id stays unique
+        return cache[id(sent)][1]
 
     def _message(self, cid: int, arrays: ArrayRecord, config: ConfigRecord, kind: str) -> Message:
         content = RecordDict({ARRAYS: arrays, CONFIG: config})

@@ -79,6 +79,7 @@ TOP_SCHEMA: Schema = {
     "batch_size": COUNT,
     "lr": POSITIVE,
     "eval_every": COUNT,
+    "eval_fraction": FRACTION,
     "device": Field(str, choices=("auto", "cpu", "cuda")),
     "node_wait_timeout": POSITIVE,
     "round_timeout": POSITIVE,
