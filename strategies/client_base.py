@@ -55,7 +55,9 @@ class ClientMethod:
         if key not in _MODELS:
             _MODELS[key] = self.new_model()
         model = _MODELS[key]
-        load_partial(model, self.initial_state())
+        initial = self.initial_state()
+        if not weights or not weights.keys() >= initial.keys():  # else ``weights`` overwrite it all
+            load_partial(model, initial)
         if weights:
             load_partial(model, weights)
         return model

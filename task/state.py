@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,34 @@ from flwr.app import Context
 
 StateDict = dict[str, torch.Tensor]
 META = "__round__"
+
+
+class _Version:
+    """One saved version of a named state: its numpy arrays and/or its ArrayRecord.
+
+    Each form is made from the other only when asked for: a load decodes only the version it
+    returns, and a save re-stores the previous version's ArrayRecord as it is.
+    """
+
+    __slots__ = ("_arrays", "_record")
+
+    def __init__(self, arrays: dict[str, np.ndarray] | None = None, record: Any = None):
+        self._arrays, self._record = arrays, record
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = {k: a.numpy() for k, a in self._record.items()}
+        return self._arrays
+
+    @property
+    def record(self) -> Any:
+        if self._record is None:
+            from flwr.app import Array, ArrayRecord
+
+            self._record = ArrayRecord({k: Array.from_numpy_ndarray(v if v.flags.c_contiguous else v.copy())
+                                        for k, v in self._arrays.items()})
+        return self._record
 
 
 class PersonalState:
@@ -42,8 +71,8 @@ class PersonalState:
         self.visible = server_round if after_training else server_round - 1
         root = context.node_config.get("state-dir") or state_dir
         self.dir = Path(str(root)) / f"client-{cid}" if root else None
-        # Versions live here as numpy dicts: {name: [(round, arrays), ...]} newest first.
-        self._versions: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        # Versions read or written in this phase: {name: [(round, version), ...]} newest first.
+        self._versions: dict[str, list[tuple[int, _Version]]] = {}
 
     # --- public API ---------------------------------------------------------------------
     def load(self, name: str) -> StateDict | None:
@@ -67,44 +96,40 @@ class PersonalState:
     # --- versions -----------------------------------------------------------------------
     def _load_arrays(self, name: str) -> dict[str, np.ndarray] | None:
         versions = self._read_versions(name)
-        return next((arrays for r, arrays in versions if r <= self.visible), None)
+        return next((v.arrays for r, v in versions if r <= self.visible), None)
 
     def _save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
-        older = [(r, a) for r, a in self._read_versions(name) if r < self.round][:1]
-        versions = [(self.round, arrays), *older]
+        older = [(r, v) for r, v in self._read_versions(name) if r < self.round][:1]
+        versions = [(self.round, _Version(arrays=arrays)), *older]
         self._versions[name] = versions
         self._write_record(name, versions)
         if self.dir is not None:
-            for slot, (r, a) in zip(("", ".prev"), versions, strict=False):
-                self._atomic_savez(f"{name}{slot}.npz", {**a, META: np.asarray(r)})
+            for slot, (r, v) in zip(("", ".prev"), versions, strict=False):
+                self._atomic_savez(f"{name}{slot}.npz", {**v.arrays, META: np.asarray(r)})
 
-    def _read_versions(self, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:
+    def _read_versions(self, name: str) -> list[tuple[int, _Version]]:
         if name not in self._versions:
             versions = self._read_record(name)
             if not versions and self.dir is not None:
-                versions = self._read_disk(name)
+                versions = [(r, _Version(arrays=a)) for r, a in self._read_disk(name)]
             self._versions[name] = versions
         return self._versions[name]
 
-    def _write_record(self, name: str, versions: list) -> None:
-        from flwr.app import ArrayRecord, ConfigRecord
+    def _write_record(self, name: str, versions: list[tuple[int, _Version]]) -> None:
+        from flwr.app import ConfigRecord
 
-        for slot, (_, arrays) in zip(("", ".prev"), versions, strict=False):
-            self.record.array_records[f"state.{name}{slot}"] = ArrayRecord(
-                {k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+        for slot, (_, version) in zip(("", ".prev"), versions, strict=False):
+            self.record.array_records[f"state.{name}{slot}"] = version.record
         rounds = [r for r, _ in versions]
         self.record.config_records[f"state.{name}.rounds"] = ConfigRecord({"rounds": json.dumps(rounds)})
 
-    def _read_record(self, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:
+    def _read_record(self, name: str) -> list[tuple[int, _Version]]:
         meta = self.record.config_records.get(f"state.{name}.rounds")
         if meta is None:
             return []
         rounds = json.loads(str(meta["rounds"]))
-        out = []
-        for slot, r in zip(("", ".prev"), rounds, strict=False):
-            record = self.record.array_records[f"state.{name}{slot}"]
-            out.append((r, {k: a.numpy() for k, a in record.items()}))
-        return out
+        return [(r, _Version(record=self.record.array_records[f"state.{name}{slot}"]))
+                for slot, r in zip(("", ".prev"), rounds, strict=False)]
 
     def _read_disk(self, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:
         out = []
