@@ -14,7 +14,7 @@ Side by side in one run, on the default federation (``strategy=fedavg``, built-i
   mean (clients in id order), and every client's evaluation of the global model on its own
   test split after every round (``eval_every=1``, as the real run). Clients run one after
   another with ``client_threads`` torch threads (1, as each ClientApp in simulation) and,
-  for comparison, with all the machine's cores.
+  with ``--all-cores``, with all the machine's cores.
 
 Both must reach the same accuracies (the plain loop with one thread reproduces the
 simulation's arithmetic); the script prints the last round's mean personal accuracy of
@@ -66,10 +66,10 @@ def plain_run(overrides: str, threads: int) -> dict:
     rng = np.random.default_rng(seed)
     n = len(fed.clients)
     size = max(1, min(n, round(float(cfg.fraction_train) * n)))
-    rounds, acc = [], None
+    rounds, cpu, acc = [], [], None
     startup = time.perf_counter() - began
     for server_round in range(1, int(cfg.num_rounds) + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sampled = sorted(int(c) for c in rng.choice(n, size=size, replace=False))
         states, weights = [], []
         for cid in sampled:
@@ -90,7 +90,38 @@ def plain_run(overrides: str, threads: int) -> dict:
                 accs.append(evaluate(model, data.x_test, data.y_test)[1])
             acc = float(np.mean(accs))
         rounds.append(time.perf_counter() - t0)
-    return {"total": time.perf_counter() - began, "startup": startup, "rounds": rounds, "accuracy": acc}
+        cpu.append(time.process_time() - c0)
+    return {"total": time.perf_counter() - began, "startup": startup, "rounds": rounds, "cpu": cpu,
+            "accuracy": acc}
+
+
+# --------------------------------------------------------------------------- in-process
+def fakegrid_run(overrides: str, threads: int) -> dict:
+    """pflower's own code without Flower's transport: the real strategy's round loop drives the
+    real ClientApp handlers in this process (``tests/fake_grid.py``), one client at a time."""
+    import server_app
+    from tests.fake_grid import FakeGrid
+
+    began = time.perf_counter()
+    cfg = compose_config(overrides)
+    torch.set_num_threads(threads)
+    fed = load_federation(cfg, torch.device("cpu"))
+    strategy = server_app.build_strategy(cfg, fed)
+    grid = FakeGrid(len(fed.clients), overrides)
+    strategy.discover(grid, 60.0)
+    startup = time.perf_counter() - began
+    rounds, cpu, acc = [], [], None
+    num_rounds = int(cfg.num_rounds)
+    for server_round in range(1, num_rounds + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        evaluate = server_round % int(cfg.eval_every) == 0 or server_round == num_rounds
+        row = strategy.run_round(grid, server_round, 600.0, evaluate)
+        rounds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        if row["personalized_accuracy"]:
+            acc = row["personalized_accuracy"]["mean"]
+    return {"total": time.perf_counter() - began, "startup": startup, "rounds": rounds, "cpu": cpu,
+            "accuracy": acc}
 
 
 # --------------------------------------------------------------------------- flwr run
@@ -130,12 +161,19 @@ def flwr_run(overrides: str, clients: int, flwr_home: Path, out: Path, ports: tu
 
 
 # --------------------------------------------------------------------------- report
+def _med(values: list[float]) -> float:
+    return statistics.median(values[1:] or values)
+
+
 def describe(name: str, r: dict, base: dict | None) -> str:
     later = r["rounds"][1:] or r["rounds"]
     per = statistics.median(later)
     line = (f"  {name:28s} total {r['total']:7.2f} s | start-up {r['startup']:6.2f} s | "
             f"round 1 {r['rounds'][0]:6.3f} s | rounds 2..: median {per:6.3f} s, "
             f"mean {statistics.mean(later):6.3f} s | final mean acc {r['accuracy']:.4f}")
+    if "cpu" in r:
+        c = statistics.median(r["cpu"][1:] or r["cpu"])
+        line += f"\n  {'':28s} CPU time of this process: rounds 2..: median {c:6.3f} s"
     if base is not None:
         bper = statistics.median(base["rounds"][1:] or base["rounds"])
         line += (f"\n  {'':28s} ratio to flwr: total {base['total'] / r['total']:5.2f} | "
@@ -150,6 +188,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="alternate flwr/plain this many times")
     parser.add_argument("--ports", default="39191,39193", help="SuperLink HTTP and Control API ports")
     parser.add_argument("--skip-flwr", action="store_true")
+    parser.add_argument("--in-process", action="store_true",
+                        help="also run pflower's strategy and ClientApp handlers in this process (FakeGrid, "
+                             "no Flower transport): pflower's own overhead over the plain loop")
+    parser.add_argument("--all-cores", action="store_true",
+                        help="also run the plain loop with torch using every core (unreliable when "
+                             "other processes load the machine: its threads then wait on each other)")
     args = parser.parse_args()
     overrides = f"strategy=fedavg num_rounds={args.rounds} device=cpu {args.overrides}".strip()
     cfg = compose_config(overrides)
@@ -168,9 +212,21 @@ def main() -> None:
                 if not args.skip_flwr:
                     res["flwr"] = flwr_run(overrides, clients, home, Path(tmp, f"run{repeat}"), ports)
                     print(describe("flwr run (simulation)", res["flwr"], None), flush=True)
-                for threads in sorted({int(cfg.client_threads) or threads_all, threads_all}):
+                variants = {int(cfg.client_threads) or threads_all}
+                if args.all_cores:
+                    variants.add(threads_all)
+                for threads in sorted(variants):
                     r = plain_run(overrides, threads)
                     print(describe(f"plain loop, {threads} thread(s)", r, res.get("flwr")), flush=True)
+                    if threads == (int(cfg.client_threads) or threads_all):
+                        res["plain"] = r
+                if args.in_process:
+                    r = fakegrid_run(overrides, int(cfg.client_threads) or threads_all)
+                    print(describe("in-process pflower (FakeGrid)", r, res.get("flwr")), flush=True)
+                    p = res["plain"]
+                    wall, cpu = _med(r["rounds"]) / _med(p["rounds"]), _med(r["cpu"]) / _med(p["cpu"])
+                    print(f"  {'':28s} vs plain loop: median round {wall:5.3f} | median round CPU {cpu:5.3f}",
+                          flush=True)
                 torch.set_num_threads(threads_all)
         finally:
             stop_superlink(home)

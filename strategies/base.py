@@ -42,7 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from omegaconf import DictConfig
 
-from task.params import StateDict, model_state, to_record, weighted_mean
+from task.params import StateDict, decode, model_state, to_record, weighted_mean
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -500,7 +500,9 @@ class PFLStrategy(Strategy):
             shape, dtype = spec[key]
             if tuple(array.shape) != shape or array.dtype != dtype:
                 return f"{key}: got {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
-            values = array.numpy()
+            values = decode(array)
+            if tuple(values.shape) != shape or str(values.dtype) != dtype:
+                return f"{key}: data is {values.dtype}{list(values.shape)}, declared {dtype}{list(shape)}"
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 return f"{key}: non-finite values"
             if decoded is not None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from io import BytesIO
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 from torch import nn
 
 StateDict = dict[str, torch.Tensor]
@@ -13,12 +17,67 @@ StateDict = dict[str, torch.Tensor]
 
 def to_record(state: StateDict) -> ArrayRecord:
     """A state dict as an ArrayRecord (numpy-serialised, never pickled)."""
-    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+    return ArrayRecord({k: encode(v.detach().cpu().numpy()) for k, v in state.items()})
 
 
 def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> StateDict:
     """An ArrayRecord as a state dict of tensors on ``device``."""
-    return {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
+    return {k: torch.from_numpy(decode(a)).to(device) for k, a in record.items()}
+
+
+# .npy headers seen before: (dtype str, shape) -> header bytes, and header bytes -> parsed form.
+# A model's arrays have the same few headers every round; numpy builds and parses each one
+# with Python code (``repr``, ``ast.literal_eval``) that costs more than copying the data.
+_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_PARSED: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+_CACHE_LIMIT = 4096
+
+
+def encode(array: np.ndarray) -> Array:
+    """``Array.from_numpy_ndarray(array)``, byte for byte, with the .npy header cached."""
+    plain = (array.flags.c_contiguous and not array.dtype.hasobject
+             and array.dtype.fields is None and array.dtype.subdtype is None)
+    key = (array.dtype.str, tuple(array.shape))
+    header = _HEADERS.get(key) if plain else None
+    if header is None:
+        out = Array.from_numpy_ndarray(array)  # np.save
+        if plain and len(_HEADERS) < _CACHE_LIMIT:
+            _HEADERS[key] = out.data[:len(out.data) - array.nbytes]
+        return out
+    return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY,
+                 data=b"".join((header, array.data)))
+
+
+def decode(array: Array) -> np.ndarray:
+    """``array.numpy()`` (np.load, never unpickling) as a writable array, header parse cached.
+
+    Anything but a plain .npy of version 1 or 2 with all its data goes to ``array.numpy()``,
+    which raises numpy's own errors.
+    """
+    data = array.data
+    if array.stype != SType.NUMPY or data[:6] != b"\x93NUMPY" or data[6] not in (1, 2):
+        return array.numpy()
+    start = 10 if data[6] == 1 else 12
+    end = start + int.from_bytes(data[8:start], "little")
+    key = bytes(data[6:end])
+    parsed = _PARSED.get(key)
+    if parsed is None:
+        fp = BytesIO(data[:end])
+        version = np.lib.format.read_magic(fp)
+        read = np.lib.format.read_array_header_1_0 if version[0] == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fp)
+        if dtype.hasobject:
+            return array.numpy()  # refuses: no pickles
+        parsed = (dtype, tuple(shape), bool(fortran))
+        if len(_PARSED) < _CACHE_LIMIT:
+            _PARSED[key] = parsed
+    dtype, shape, fortran = parsed
+    count = math.prod(shape)
+    if len(data) - end < count * dtype.itemsize:
+        return array.numpy()  # truncated: numpy's error
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=end) if count else np.empty(0, dtype)
+    values = flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
+    return values.copy(order="K")
 
 
 def model_state(model: nn.Module, keys: Iterable[str] | None = None) -> StateDict:

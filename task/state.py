@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from flwr.app import Context
 
+from task.params import decode, encode
+
 StateDict = dict[str, torch.Tensor]
 META = "__round__"
 
@@ -45,15 +47,15 @@ class _Version:
     @property
     def arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
-            self._arrays = {k: a.numpy() for k, a in self._record.items()}
+            self._arrays = {k: decode(a) for k, a in self._record.items()}
         return self._arrays
 
     @property
     def record(self) -> Any:
         if self._record is None:
-            from flwr.app import Array, ArrayRecord
+            from flwr.app import ArrayRecord
 
-            self._record = ArrayRecord({k: Array.from_numpy_ndarray(v if v.flags.c_contiguous else v.copy())
+            self._record = ArrayRecord({k: encode(v if v.flags.c_contiguous else v.copy())
                                         for k, v in self._arrays.items()})
         return self._record
 
