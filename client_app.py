@@ -18,12 +18,24 @@ from task.state import PersonalState
 app = ClientApp()
 
 
-def client_id(context: Context) -> int:
-    """The client's long-lived identity: its partition id from the node config."""
+def client_id(context: Context, msg: Message | None = None) -> int:
+    """The client a message is for: its long-lived identity, never the Flower node id.
+
+    A SuperNode with ``partition-id=p num-partitions=P`` in its node config serves every
+    client c with c % P == p; the server names the client in the message (``client-id``).
+    """
     if "partition-id" not in context.node_config:
         raise KeyError("node config has no 'partition-id': start the SuperNode with "
                        "--node-config 'partition-id=<i> num-partitions=<n>'")
-    return int(context.node_config["partition-id"])
+    partition = int(context.node_config["partition-id"])
+    if msg is None or CONFIG not in msg.content.config_records:
+        return partition
+    cid = int(msg.content.config_records[CONFIG].get("client-id", partition))
+    partitions = int(context.node_config.get("num-partitions", 1))
+    if cid % partitions != partition:
+        raise ValueError(f"message for client {cid} reached the node of partition {partition} "
+                         f"of {partitions}, which serves clients c with c % {partitions} == {partition}")
+    return cid
 
 
 def client_method(context: Context, msg: Message) -> ClientMethod:
@@ -32,7 +44,7 @@ def client_method(context: Context, msg: Message) -> ClientMethod:
     if (cfg.device == "cpu" or not torch.cuda.is_available()) and int(cfg.client_threads) > 0:
         torch.set_num_threads(int(cfg.client_threads))
     device = resolve_device(str(cfg.device))
-    cid = client_id(context)
+    cid = client_id(context, msg)
     federation = load_federation(cfg, device)
     _, client_cls = lookup(cfg.strategy.name)
     server_round = int(msg.content.config_records[CONFIG]["server-round"])
@@ -49,10 +61,10 @@ def _received(msg: Message, device: torch.device) -> tuple[dict, dict]:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which client this node is (its partition id)."""
-    cid = client_id(context)
+    """Tell the server which partition of how many this node is (hence which clients it serves)."""
+    partition = client_id(context)
     partitions = int(context.node_config.get("num-partitions", 0))
-    metrics = MetricRecord({"partition-id": cid, "num-partitions": partitions})
+    metrics = MetricRecord({"partition-id": partition, "num-partitions": partitions})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 

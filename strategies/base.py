@@ -94,16 +94,19 @@ def array_spec(state: StateDict) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), str(v.detach().cpu().numpy().dtype)) for k, v in state.items()}
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], int]:
-    """Push ``messages``, pull replies with a short backing-off poll; return (replies, late).
+def exchange(grid: Grid, messages: list[Message], timeout: float
+             ) -> tuple[list[tuple[Message, Message]], int]:
+    """Push ``messages``, pull replies with a short backing-off poll.
 
-    ``late`` counts messages with no reply within ``timeout`` seconds; their replies, if any
-    come later, are never read.
+    Returns (sent message, reply) pairs and ``late``, the number of messages with no reply
+    within ``timeout`` seconds; their replies, if any come later, are never read.
     """
     if not messages:
         return [], 0
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
+    ids = list(grid.push_messages(messages))
+    sent = dict(zip(ids, messages, strict=True))
+    pending = set(ids)
+    pairs: list[tuple[Message, Message]] = []
     deadline = time.monotonic() + timeout
     delay = POLL_START_S
     while pending and time.monotonic() < deadline:
@@ -111,13 +114,23 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[
                if r.metadata.reply_to_message_id in pending]
         for reply in got:
             pending.discard(reply.metadata.reply_to_message_id)
-        replies += got
+            pairs.append((sent[reply.metadata.reply_to_message_id], reply))
         if got:
             delay = POLL_START_S
         else:
             time.sleep(delay)
             delay = min(delay * 1.5, POLL_MAX_S)
-    return replies, len(pending)
+    return pairs, len(pending)
+
+
+def hosted_clients(partition_id: int, num_partitions: int, num_clients: int) -> list[int]:
+    """The clients a SuperNode serves: partition p of P serves every client c with c % P == p.
+
+    One SuperNode per client (P == number of clients) is the usual deployment; fewer
+    SuperNodes (e.g. ``flwr run`` with its default 2 simulated nodes) each host several
+    clients, every one with its own data and personal state.
+    """
+    return list(range(partition_id, num_clients, num_partitions))
 
 
 class PFLStrategy(Strategy):
@@ -138,7 +151,7 @@ class PFLStrategy(Strategy):
         self._sent_specs: dict[int, dict] = {}
         self._aggregated: list[int] = []
         self._eval_sample: list[int] | None = None
-        self._node_cid: dict[int, int] = {}  # node id -> client id, rebuilt when it misses
+        self._reply_cid: dict[str, int] = {}  # message id -> client it was sent for
 
     @classmethod
     def from_model(cls, cfg: DictConfig, model: torch.nn.Module,
@@ -231,7 +244,7 @@ class PFLStrategy(Strategy):
 
     # --- clients and sampling ---------------------------------------------------------
     def discover(self, grid: Grid, timeout: float) -> None:
-        """Learn which client (partition id) each connected node serves."""
+        """Learn which clients (partition ids) each connected node serves."""
         deadline = time.monotonic() + timeout
         while True:
             known = {c.node_id for c in self.clients.values()}
@@ -244,28 +257,28 @@ class PFLStrategy(Strategy):
         if len(self.clients) < self.num_clients:
             missing = sorted(set(range(self.num_clients)) - set(self.clients))
             raise RuntimeError(
-                f"{len(self.clients)} of {self.num_clients} clients connected after {timeout:.0f}s; "
-                f"missing partition ids {missing[:20]}. In simulation, run with "
-                f"--federation-config 'num-supernodes={self.num_clients}'.")
+                f"{len(self.clients)} of {self.num_clients} clients are served by the connected "
+                f"SuperNodes after {timeout:.0f}s; no node serves clients {missing[:20]}.")
 
     def _query(self, grid: Grid, node_ids: list[int], timeout: float) -> None:
         messages = [Message(RecordDict({CONFIG: ConfigRecord({"query": "identity"})}),
                             dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-        replies, _ = exchange(grid, messages, timeout)
-        for reply in replies:
+        pairs, _ = exchange(grid, messages, timeout)
+        for _, reply in pairs:
             if reply.has_error() or METRICS not in reply.content.metric_records:
                 continue
             m = reply.content.metric_records[METRICS]
-            cid, partitions = int(m["partition-id"]), int(m["num-partitions"])
-            if partitions != self.num_clients:
+            partition, partitions = int(m["partition-id"]), int(m["num-partitions"])
+            if not 0 <= partition < partitions <= self.num_clients:
                 raise RuntimeError(
-                    f"node {reply.metadata.src_node_id} says num-partitions={partitions} but the "
-                    f"config's federation has {self.num_clients} clients. In simulation, run "
-                    f"with --federation-config 'num-supernodes={self.num_clients}'.")
-            if not 0 <= cid < self.num_clients:
-                raise RuntimeError(f"node reported partition-id {cid} outside 0..{self.num_clients - 1}")
-            num_train, num_test = self.partition_sizes[cid]
-            self.clients[cid] = ClientInfo(cid, reply.metadata.src_node_id, num_train, num_test)
+                    f"node {reply.metadata.src_node_id} says partition-id={partition} "
+                    f"num-partitions={partitions}, but the config's federation has "
+                    f"{self.num_clients} clients: every SuperNode needs the same num-partitions, "
+                    f"at most {self.num_clients} (one SuperNode per client, or fewer that each "
+                    "host several clients).")
+            for cid in hosted_clients(partition, partitions, self.num_clients):
+                num_train, num_test = self.partition_sizes[cid]
+                self.clients[cid] = ClientInfo(cid, reply.metadata.src_node_id, num_train, num_test)
 
     def sample(self, server_round: int) -> list[int]:
         """Client ids sampled for training this round (seeded, strategy-independent)."""
@@ -391,7 +404,7 @@ class PFLStrategy(Strategy):
         self.stats = RoundStats()
         self.discover(grid, timeout)  # picks up nodes that reconnected with a new node id
         messages = list(self.configure_train(server_round, None, ConfigRecord(), grid))
-        replies, late = exchange(grid, messages, timeout)
+        replies, late = self._exchange(grid, messages, timeout)
         self.stats.late_replies += late
         train_metrics = self.aggregate_train_metrics(server_round, replies)
         if train_metrics is not None:
@@ -405,7 +418,7 @@ class PFLStrategy(Strategy):
         }
         if evaluate:
             eval_messages = list(self.configure_evaluate(server_round, None, ConfigRecord(), grid))
-            eval_replies, late = exchange(grid, eval_messages, timeout)
+            eval_replies, late = self._exchange(grid, eval_messages, timeout)
             self.stats.late_replies += late
             row["evaluated_clients"] = len(eval_messages)
             metrics = self.aggregate_evaluate(server_round, eval_replies)
@@ -432,7 +445,7 @@ class PFLStrategy(Strategy):
             self.stats.bytes_down += record.count_bytes()
             cfg = ConfigRecord({**self.personalize_config(cid, server_round), "server-round": server_round})
             messages.append(self._message(cid, record, cfg, f"{MessageType.TRAIN}.personalize"))
-        replies, late = exchange(grid, messages, timeout)
+        replies, late = self._exchange(grid, messages, timeout)
         self.stats.late_replies += late
         for reply in replies:
             if reply.has_error():
@@ -451,14 +464,19 @@ class PFLStrategy(Strategy):
         }
 
     # --- validation -------------------------------------------------------------------
+    def _exchange(self, grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], int]:
+        """``exchange``, remembering which client each reply answers for (``_cid_of``)."""
+        pairs, late = exchange(grid, messages, timeout)
+        self._reply_cid = {}
+        for sent, reply in pairs:
+            if reply.metadata.src_node_id == sent.metadata.dst_node_id:
+                cid = sent.content.config_records[CONFIG].get("client-id")
+                self._reply_cid[reply.metadata.reply_to_message_id] = int(cid)
+        return [reply for _, reply in pairs], late
+
     def _cid_of(self, message: Message) -> int | None:
-        node = message.metadata.src_node_id
-        cid = self._node_cid.get(node)
-        info = self.clients.get(cid) if cid is not None else None
-        if info is None or info.node_id != node:  # a node (re)connected: rebuild the index
-            self._node_cid = {c.node_id: c.cid for c in self.clients.values()}
-            cid = self._node_cid.get(node)
-        return cid
+        """The client a reply answers for (None: not a reply to this phase's messages)."""
+        return self._reply_cid.get(message.metadata.reply_to_message_id)
 
     def validate_train_reply(self, message: Message) -> TrainReply | None:
         """The reply as a TrainReply, or None (rejected and counted) if anything is off."""
@@ -546,6 +564,7 @@ class PFLStrategy(Strategy):
         return cache[id(sent)][1]
 
     def _message(self, cid: int, arrays: ArrayRecord, config: ConfigRecord, kind: str) -> Message:
+        config["client-id"] = cid
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
         return Message(content, dst_node_id=self.clients[cid].node_id, message_type=kind)
 

@@ -73,6 +73,8 @@ class PersonalState:
         self.visible = server_round if after_training else server_round - 1
         root = context.node_config.get("state-dir") or state_dir
         self.dir = Path(str(root)) / f"client-{cid}" if root else None
+        # A SuperNode may host several clients: their entries in context.state are kept apart.
+        self.prefix = f"client-{cid}."
         # Versions read or written in this phase: {name: [(round, version), ...]} newest first.
         self._versions: dict[str, list[tuple[int, _Version]]] = {}
 
@@ -121,16 +123,17 @@ class PersonalState:
         from flwr.app import ConfigRecord
 
         for slot, (_, version) in zip(("", ".prev"), versions, strict=False):
-            self.record.array_records[f"state.{name}{slot}"] = version.record
+            self.record.array_records[f"{self.prefix}{name}{slot}"] = version.record
         rounds = [r for r, _ in versions]
-        self.record.config_records[f"state.{name}.rounds"] = ConfigRecord({"rounds": json.dumps(rounds)})
+        meta = ConfigRecord({"rounds": json.dumps(rounds)})
+        self.record.config_records[f"{self.prefix}{name}.rounds"] = meta
 
     def _read_record(self, name: str) -> list[tuple[int, _Version]]:
-        meta = self.record.config_records.get(f"state.{name}.rounds")
+        meta = self.record.config_records.get(f"{self.prefix}{name}.rounds")
         if meta is None:
             return []
         rounds = json.loads(str(meta["rounds"]))
-        return [(r, _Version(record=self.record.array_records[f"state.{name}{slot}"]))
+        return [(r, _Version(record=self.record.array_records[f"{self.prefix}{name}{slot}"]))
                 for slot, r in zip(("", ".prev"), rounds, strict=False)]
 
     def _read_disk(self, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:

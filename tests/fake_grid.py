@@ -21,18 +21,21 @@ HANDLERS = {MessageType.TRAIN: client_app.train, MessageType.EVALUATE: client_ap
 
 
 class FakeGrid(Grid):
-    """Nodes 100+cid serving partition cid; replies are computed at push time."""
+    """Nodes 100+p serving partition p (of ``num_nodes``, default one node per client);
+    replies are computed at push time."""
 
     def __init__(self, num_clients: int, overrides: str,
-                 tamper: Callable[[Message, Message], Message | None] | None = None):
+                 tamper: Callable[[Message, Message], Message | None] | None = None,
+                 num_nodes: int | None = None):
         TaskIdentity.run_id = 1
         TaskIdentity.node_id = 0
         TaskIdentity.task_id = 0
+        nodes = num_nodes or num_clients
         self.contexts = {
-            100 + cid: Context(run_id=1, node_id=100 + cid, state=RecordDict(),
-                               node_config={"partition-id": cid, "num-partitions": num_clients},
-                               run_config={"overrides": overrides})
-            for cid in range(num_clients)
+            100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(),
+                             node_config={"partition-id": p, "num-partitions": nodes},
+                             run_config={"overrides": overrides})
+            for p in range(nodes)
         }
         self.replies: dict[str, Message] = {}
         self.tamper = tamper

@@ -127,3 +127,31 @@ def test_round_loop_learns_above_chance(name):
         assert 0.2 < last["global_accuracy"] <= 1
     else:
         assert last["global_accuracy"] is None
+
+
+@pytest.mark.parametrize("name", ["ditto", "lgmix"])
+def test_fewer_supernodes_than_clients_each_host_several(name):
+    overrides = f"{TINY} strategy={name}"
+    st = server(tiny_cfg(f"strategy={name}"))
+    grid = FakeGrid(4, overrides, num_nodes=2)
+    rows = []
+    st.start(grid, num_rounds=2, timeout=30, on_round=rows.append)
+    assert {c.node_id for c in st.clients.values()} == {100, 101}
+    assert {cid: st.clients[cid].node_id for cid in st.clients} == {0: 100, 1: 101, 2: 100, 3: 101}
+    last = rows[-1]
+    assert last["rejected_replies"] == 0 and sorted(last["per_client_accuracy"]) == [0, 1, 2, 3]
+    # Each hosted client keeps its own personal state in its node's context.
+    keys = set(grid.contexts[100].state.array_records.keys())
+    assert any(k.startswith("client-0.") for k in keys) and any(k.startswith("client-2.") for k in keys)
+
+
+def test_a_node_refuses_a_message_for_a_client_it_does_not_serve():
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    import client_app
+
+    grid = FakeGrid(4, TINY, num_nodes=2)
+    msg = Message(RecordDict({"config": ConfigRecord({"client-id": 1, "server-round": 1})}),
+                  dst_node_id=100, message_type="train")
+    with pytest.raises(ValueError, match="serves clients c with c % 2 == 0"):
+        client_app.client_id(grid.contexts[100], msg)

@@ -127,6 +127,65 @@ def test_malformed_reply_is_dropped_and_the_aggregate_is_that_of_the_valid_ones(
         assert torch.equal(st.global_state[key], value), (kind, key)
 
 
+def test_all_clients_failing_skips_the_round_without_crashing():
+    st = server(tiny_cfg("strategy=fedavg"))
+    before = {k: v.clone() for k, v in st.global_state.items()}
+    grid = FakeGrid(4, f"{TINY} strategy=fedavg", tamper=lambda m, r: _error_reply(m, r)
+                    if m.metadata.message_type == "train" else r)
+    st.discover(grid, 10)
+    row = st.run_round(grid, 1, timeout=10, evaluate=True)
+    assert row["rejected_replies"] == 4 and row["train_loss"] is None
+    assert all(torch.equal(before[k], st.global_state[k]) for k in before)
+    assert row["personalized_accuracy"] is not None  # evaluation still runs
+
+
+def test_a_node_that_never_answers_is_named_at_start():
+    silent = 100 + 2  # its query reply is dropped too: no client of it becomes known
+    grid = FakeGrid(4, f"{TINY} strategy=fedavg",
+                    tamper=lambda m, r: None if m.metadata.dst_node_id == silent else r)
+    st = server(tiny_cfg("strategy=fedavg"))
+    with pytest.raises(RuntimeError, match="no node serves clients \\[2\\]"):
+        st.discover(grid, 0.5)
+
+
+def test_replies_after_round_timeout_are_ignored_and_counted():
+    def tamper(msg, reply):
+        return None if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == 101 else reply
+
+    st = server(tiny_cfg("strategy=fedavg"))
+    grid = FakeGrid(4, f"{TINY} strategy=fedavg", tamper=tamper)
+    st.discover(grid, 10)
+    row = st.run_round(grid, 1, timeout=0.3, evaluate=False)
+    assert row["late_replies"] == 1 and row["rejected_replies"] == 0 and row["train_loss"] is not None
+
+
+def test_a_reply_from_another_node_than_the_one_asked_is_rejected():
+    def tamper(msg, reply):
+        if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == 101:
+            reply.metadata.__dict__["_src_node_id"] = 103
+        return reply
+
+    st = server(tiny_cfg("strategy=fedavg"))
+    grid = FakeGrid(4, f"{TINY} strategy=fedavg", tamper=tamper)
+    st.discover(grid, 10)
+    row = st.run_round(grid, 1, timeout=10, evaluate=False)
+    assert row["rejected_replies"] == 1 and row["train_loss"] is not None
+
+
+def test_eval_reply_with_accuracy_out_of_range_is_rejected():
+    def tamper(msg, reply):
+        if msg.metadata.message_type != "evaluate" or msg.metadata.dst_node_id != 100:
+            return reply
+        bad = MetricRecord({"accuracy": 7.0, "num-examples": 3})
+        return _with_content(msg, reply, RecordDict({METRICS: bad}))
+
+    st = server(tiny_cfg("strategy=fedavg"))
+    grid = FakeGrid(4, f"{TINY} strategy=fedavg", tamper=tamper)
+    st.discover(grid, 10)
+    row = st.run_round(grid, 1, timeout=10, evaluate=True)
+    assert row["rejected_replies"] == 1 and len(row["per_client_accuracy"]) == 3
+
+
 # --- personal state versions --------------------------------------------------------------
 def test_personal_state_survives_a_restart_through_its_state_dir(tmp_path):
     saved = {"w": torch.arange(4.0)}

@@ -44,12 +44,14 @@ class FlwrRunner:
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
         self.out_root = out_root
 
-    def run(self, name: str, overrides: str, num_supernodes: int = 4, timeout: float = 300,
+    def run(self, name: str, overrides: str, num_supernodes: int | None = 4, timeout: float = 300,
             check: bool = True) -> Path:
+        """`flwr run` with ``num_supernodes`` SuperNodes (None: Flower's default federation)."""
         out = self.out_root / name
         run_config = f'overrides="{overrides} output_dir={out}"'
-        cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config,
-               "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
+        cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config]
+        if num_supernodes is not None:
+            cmd += ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout,
                               cwd=ROOT)
         self.last_log = proc.stdout + proc.stderr

@@ -35,8 +35,16 @@ def test_two_rounds_write_every_output(flwr_runner, strategy):
         assert results["bytes_up"] > 0 and results["bytes_down"] > results["bytes_up"]
 
 
-def test_wrong_federation_size_is_a_clear_error(flwr_runner):
-    out = flwr_runner.run("wrong-size", f"{TINY} strategy=fedavg num_rounds=1 node_wait_timeout=5",
-                          num_supernodes=3, check=False)
-    assert "num-supernodes=4" in flwr_runner.last_log
+def test_plain_flwr_run_with_the_default_two_supernodes(flwr_runner):
+    """`flwr run .` alone (Flower's default: 2 SuperNodes): each node hosts half the clients."""
+    out = flwr_runner.run("plain", f"{TINY} strategy=ditto num_rounds=2", num_supernodes=None)
+    results = flwr_runner.results(out)
+    assert sorted(results["per_client_accuracy"]) == ["0", "1", "2", "3"]
+    assert results["last_evaluated_round"]["personalized_accuracy"]["mean"] > 0.25
+
+
+def test_more_supernodes_than_clients_is_a_clear_error(flwr_runner):
+    out = flwr_runner.run("wrong-size", f"{TINY} strategy=fedavg num_rounds=1 node_wait_timeout=60",
+                          num_supernodes=5, check=False)
+    assert "num-partitions=5, but the config's federation has 4 clients" in flwr_runner.last_log
     assert not (out / "results.json").exists()
