@@ -40,3 +40,14 @@ def test_every_domain_renders_rgb_in_range_and_looks_different(domain):
 def test_unknown_domain_is_refused():
     with pytest.raises(ValueError, match="valid domains"):
         build_federation(tiny_cfg("dataset.domains=[plain,nope]"))
+
+
+def test_digits_read_without_sklearn_match_load_digits():
+    from sklearn.datasets import load_digits
+
+    from task.data import sklearn_digits_arrays
+
+    pixels, labels = sklearn_digits_arrays()
+    bunch = load_digits()
+    assert pixels.shape == (1797, 8, 8) and (pixels == bunch.images).all()
+    assert (labels == bunch.target).all()
