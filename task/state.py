@@ -103,13 +103,28 @@ class PersonalState:
         return next((v.arrays for r, v in versions if r <= self.visible), None)
 
     def _save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
-        older = [(r, v) for r, v in self._read_versions(name) if r < self.round][:1]
+        known = self._read_versions(name)
+        older = [(r, v) for r, v in known if r < self.round][:1]
         versions = [(self.round, _Version(arrays=arrays)), *older]
         self._versions[name] = versions
         self._write_record(name, versions)
         if self.dir is not None:
-            for slot, (r, v) in zip(("", ".prev"), versions, strict=False):
-                self._atomic_savez(f"{name}{slot}.npz", {**v.arrays, META: np.asarray(r)})
+            self._write_disk(name, versions, rotate=bool(known) and known[0][0] < self.round)
+
+    def _write_disk(self, name: str, versions: list[tuple[int, _Version]], rotate: bool) -> None:
+        """This round's version to ``<name>.npz``; the previous one stays as ``<name>.prev.npz``.
+
+        When the newest version on disk is an older round's, it becomes the previous one by a
+        rename (no rewrite); a second save in the same round just replaces this round's file.
+        """
+        current, previous = self.dir / f"{name}.npz", self.dir / f"{name}.prev.npz"
+        if rotate and current.exists():
+            os.replace(current, previous)
+        elif len(versions) > 1 and not previous.exists():
+            r, v = versions[1]
+            self._atomic_savez(previous.name, {**v.arrays, META: np.asarray(r)})
+        r, v = versions[0]
+        self._atomic_savez(current.name, {**v.arrays, META: np.asarray(r)})
 
     def _read_versions(self, name: str) -> list[tuple[int, _Version]]:
         if name not in self._versions:
@@ -120,12 +135,17 @@ class PersonalState:
         return self._versions[name]
 
     def _write_record(self, name: str, versions: list[tuple[int, _Version]]) -> None:
+        """Only the newest version lives in ``context.state``.
+
+        A resumed run starts with fresh contexts and reads the state directory, and a round is
+        never trained twice within one run, so an older version in memory would never be read;
+        keeping it would double every client's memory.
+        """
         from flwr.app import ConfigRecord
 
-        for slot, (_, version) in zip(("", ".prev"), versions, strict=False):
-            self.record.array_records[f"{self.prefix}{name}{slot}"] = version.record
-        rounds = [r for r, _ in versions]
-        meta = ConfigRecord({"rounds": json.dumps(rounds)})
+        newest_round, newest = versions[0]
+        self.record.array_records[f"{self.prefix}{name}"] = newest.record
+        meta = ConfigRecord({"rounds": json.dumps([newest_round])})
         self.record.config_records[f"{self.prefix}{name}.rounds"] = meta
 
     def _read_record(self, name: str) -> list[tuple[int, _Version]]:

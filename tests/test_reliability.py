@@ -207,6 +207,19 @@ def test_a_resumed_round_sees_the_state_of_the_previous_round(tmp_path):
     assert float(state(ctx, 3).load("p")["w"]) == 2.0
 
 
+def test_memory_keeps_one_version_and_the_disk_two(tmp_path):
+    ctx = make_context(0, str(tmp_path))
+    for r in (1, 2, 3):
+        PersonalState(ctx, 0, torch.device("cpu"), r).save("p", {"w": torch.tensor([float(r)])})
+    PersonalState(ctx, 0, torch.device("cpu"), 3, after_training=True).save(
+        "p", {"w": torch.tensor([3.5])})  # a later phase of round 3 replaces round 3's version
+    assert [k for k in ctx.state.array_records if k.startswith("client-0.p")] == ["client-0.p"]
+    folder = tmp_path / "client-0"
+    with np.load(folder / "p.npz") as cur, np.load(folder / "p.prev.npz") as prev:
+        assert (int(cur["__round__"]), float(cur["w"][0])) == (3, 3.5)
+        assert (int(prev["__round__"]), float(prev["w"][0])) == (2, 2.0)
+
+
 # --- checkpoint and resume through the real ServerApp --------------------------------------
 class _KilledError(Exception):
     pass
