@@ -7,10 +7,11 @@ node has a state directory (node config ``state-dir``, or the run's ``client_sta
 every save is also written to disk atomically (``<dir>/client-<cid>/<name>.npz``, numpy
 format, no pickle), so that a SuperNode restart loses nothing.
 
-Each saved entry is tagged with the round that wrote it, and the previous version is kept:
-``load`` in round r's training returns the newest version written before round r (later
-phases of round r also see round r's own). A run resumed from
-the server's checkpoint after round k therefore sees every client's state as of round k,
+Each saved entry is tagged with the round that wrote it. ``load`` in round r's training
+returns the newest version written before round r (later phases of round r also see round
+r's own). ``context.state`` holds the newest version only; the state directory also keeps the
+previous one (``<name>.prev.npz``). A run resumed from the server's checkpoint after round k
+(fresh contexts, state read from disk) therefore sees every client's state as of round k,
 even if the crash came while some clients had already saved round k+1.
 """
 
@@ -87,7 +88,7 @@ class PersonalState:
         return {k: torch.from_numpy(v.copy()).to(self.device) for k, v in arrays.items()}
 
     def save(self, name: str, state: StateDict) -> None:
-        """Save ``state`` as this round's version of ``name`` (the previous one is kept)."""
+        """Save ``state`` as this round's version of ``name`` (the previous one stays on disk)."""
         self._save_arrays(name, {k: v.detach().cpu().numpy() for k, v in state.items()})
 
     def scalars(self, name: str = "scalars") -> dict[str, float]:
