@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from omegaconf import DictConfig
 
+from task.outputs import atomic_write
 from task.params import StateDict, decode, model_state, to_record, weighted_mean
 
 ARRAYS = "arrays"
@@ -218,10 +217,7 @@ class PFLStrategy(Strategy):
         arrays = {f"{group}/{key}": value.detach().cpu().numpy()
                   for group, state in self.state_arrays().items() for key, value in state.items()}
         arrays[CHECKPOINT_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     def load_checkpoint(self, path: Path) -> int:
         """Restore the state ``save_checkpoint`` wrote; return the last completed round."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
+from task.outputs import atomic_write
 from task.params import decode, encode
 
 StateDict = dict[str, torch.Tensor]
@@ -168,12 +168,4 @@ class PersonalState:
         return sorted(out, key=lambda v: -v[0])
 
     def _atomic_savez(self, filename: str, arrays: dict[str, np.ndarray]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, self.dir / filename)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.dir / filename, lambda f: np.savez(f, **arrays))
