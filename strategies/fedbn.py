@@ -37,11 +37,7 @@ class FedBNClient(ClientMethod):
     name = "fedbn"
 
     def personal_model(self, received):
-        model = self.model("main", received)
-        bn = self.state.load("bn")
-        if bn is not None:
-            model.load_state_dict(bn, strict=False)
-        return model
+        return self.model("main", {**received, **(self.state.load("bn") or {})})
 
     def train(self, received, config):
         model = self.personal_model(received)

@@ -45,7 +45,7 @@ from torch import nn
 
 from task.config import register_strategy_schema
 from task.models import last_linear
-from task.params import StateDict, model_state, weighted_mean
+from task.params import StateDict, model_state, subtract, weighted_mean
 
 from .base import PFLStrategy, array_spec
 from .client_base import ClientMethod, TrainResult
@@ -204,7 +204,7 @@ class LGMixClient(ClientMethod):
         model = self.model("main", old)
         loss, t_local, t_global = self.fit_with_features(model, self.model("global", received), server_round)
         after = model_state(model)
-        delta = {k: after[k] - old[k] for k in float_entries(after)}
+        delta = subtract(float_entries(after), old)
         c = mixing_coefficient(t_local, t_global)
         # Pending until the personalize phase: theta_i = old + Delta_i (the purely local update).
         self.state.save("personal", after)
