@@ -291,11 +291,8 @@ class PFLStrategy(Strategy):
         for cid in self.sample(server_round):
             sent = self.train_arrays(cid, server_round)
             self._sent_specs[cid] = self.expected_upload(cid, sent)
-            record = self._record(records, sent)
-            self.stats.bytes_down += record.count_bytes()
-            cfg = ConfigRecord({**dict(config), **self.train_config(cid, server_round),
-                                "server-round": server_round})
-            messages.append(self._message(cid, record, cfg, MessageType.TRAIN))
+            values = {**dict(config), **self.train_config(cid, server_round), "server-round": server_round}
+            messages.append(self._message(cid, sent, values, MessageType.TRAIN, records))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -324,14 +321,9 @@ class PFLStrategy(Strategy):
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Every client (or the fixed ``eval_fraction`` sample) scores its personal model."""
         records: dict[int, tuple[StateDict, ArrayRecord]] = {}
-        messages = []
-        for cid in self.eval_clients():
-            sent = self.eval_arrays(cid)
-            record = self._record(records, sent)
-            self.stats.bytes_down += record.count_bytes()
-            cfg = ConfigRecord({**dict(config), "server-round": server_round})
-            messages.append(self._message(cid, record, cfg, MessageType.EVALUATE))
-        return messages
+        values = {**dict(config), "server-round": server_round}
+        return [self._message(cid, self.eval_arrays(cid), values, MessageType.EVALUATE, records)
+                for cid in self.eval_clients()]
 
     def eval_clients(self) -> list[int]:
         """The clients that evaluate: all, or a fixed seeded ``eval_fraction`` sample of them.
@@ -437,10 +429,8 @@ class PFLStrategy(Strategy):
             sent = self.personalize_arrays(cid, server_round)
             if sent is None:
                 continue
-            record = self._record(records, sent)
-            self.stats.bytes_down += record.count_bytes()
-            cfg = ConfigRecord({**self.personalize_config(cid, server_round), "server-round": server_round})
-            messages.append(self._message(cid, record, cfg, f"{MessageType.TRAIN}.personalize"))
+            values = {**self.personalize_config(cid, server_round), "server-round": server_round}
+            messages.append(self._message(cid, sent, values, f"{MessageType.TRAIN}.personalize", records))
         replies, late = self._exchange(grid, messages, timeout)
         self.stats.late_replies += late
         for reply in replies:
@@ -559,8 +549,13 @@ class PFLStrategy(Strategy):
             cache[id(sent)] = (sent, to_record(sent))  # keeps ``sent`` alive: its id stays unique
         return cache[id(sent)][1]
 
-    def _message(self, cid: int, arrays: ArrayRecord, config: ConfigRecord, kind: str) -> Message:
-        config["client-id"] = cid
+    def _message(self, cid: int, sent: StateDict, values: dict[str, Any], kind: str,
+                 records: dict[int, tuple[StateDict, ArrayRecord]]) -> Message:
+        """A message for client ``cid`` with ``sent`` (serialised once per phase through
+        ``records``) and ``values`` plus its ``client-id``; its arrays count in ``bytes_down``."""
+        arrays = self._record(records, sent)
+        self.stats.bytes_down += arrays.count_bytes()
+        config = ConfigRecord({**values, "client-id": cid})
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
         return Message(content, dst_node_id=self.clients[cid].node_id, message_type=kind)
 
