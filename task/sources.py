@@ -30,7 +30,6 @@ files are neither there nor downloadable, the error names the exact files and th
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+
+from task.outputs import atomic_write
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DIGITS5_DOMAINS = ("MNIST", "SVHN", "USPS", "SynthDigits", "MNIST_M")
@@ -114,19 +115,7 @@ def _unpack_gz(raw: Path) -> None:
         target = gz.with_suffix("")
         if not target.exists():
             with gzip.open(gz, "rb") as src:
-                _write_atomic(target, lambda dst, src=src: shutil.copyfileobj(src, dst))
-
-
-def _write_atomic(target: Path, write: Callable[[Any], None]) -> None:
-    """Write ``target`` through a temporary file and a rename: a process loading the same data root
-    at the same time (another ClientApp) never sees half a file."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as dst:
-            write(dst)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+                atomic_write(target, lambda dst, src=src: shutil.copyfileobj(src, dst))
 
 
 def _relaxed(cls: type) -> type:
@@ -174,7 +163,7 @@ def load_mnist_like(name: str, root: Path, download: bool) -> Source:
         for gz in SYSTEM_FASHION_MNIST.glob("*-ubyte.gz"):
             if not (raw / gz.name).exists() and not (raw / gz.stem).exists():
                 with open(gz, "rb") as src:
-                    _write_atomic(raw / gz.name, lambda dst, src=src: shutil.copyfileobj(src, dst))
+                    atomic_write(raw / gz.name, lambda dst, src=src: shutil.copyfileobj(src, dst))
     _unpack_gz(raw)
     files = [f for f, _ in cls.resources]
     train, test = _load_torchvision(
