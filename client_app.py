@@ -90,5 +90,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     method = client_method(context, msg)
     received, config = _received(msg, method.device)
     scores = method.evaluate(received, config)
-    metrics = MetricRecord({**scores, "num-examples": method.data.num_test})
+    counts = {"num-examples": method.data.num_test}
+    if "validation_accuracy" in scores:
+        counts["num-val"] = method.data.num_val
+    metrics = MetricRecord({**scores, **counts})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)

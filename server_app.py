@@ -34,6 +34,8 @@ def progress_line(row: dict, num_rounds: int) -> str:
     pers = row.get("personalized_accuracy")
     if pers:
         parts.append(f"personal acc {pers['mean']:.4f} (worst {pers['worst']:.4f})")
+    if row.get("validation_accuracy"):
+        parts.append(f"val acc {row['validation_accuracy']['mean']:.4f}")
     if row.get("global_accuracy") is not None:
         parts.append(f"global acc {row['global_accuracy']:.4f}")
     if row.get("rejected_replies"):
@@ -48,7 +50,10 @@ def build_strategy(cfg: DictConfig, federation: Federation) -> PFLStrategy:
     model = build_model(cfg.model, federation.input_shape, federation.num_classes)
     server_cls, _ = lookup(cfg.strategy.name)
     sizes = [(c.num_train, c.num_test) for c in federation.clients]
-    return server_cls.from_model(cfg, model, sizes)
+    strategy = server_cls.from_model(cfg, model, sizes)
+    strategy.client_groups = [c.domain for c in federation.clients]
+    strategy.group_names = list(federation.domain_names)
+    return strategy
 
 
 def check_resumable(cfg: DictConfig, directory: Path) -> None:
@@ -93,7 +98,6 @@ def main(grid: Grid, context: Context) -> None:
     results = outputs.write_results(time.monotonic() - started)
     outputs.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
     strategy.plot(outputs.rounds(), outputs.dir)
-    final = results["last_evaluated_round"] or {}
-    log(INFO, "pflower: done in %.1fs; final personal accuracy %s; results in %s",
-        results["wall_seconds"], (final.get("personalized_accuracy") or {}).get("mean"),
-        outputs.dir / "results.json")
+    for line in outputs.summary_lines(results):
+        log(INFO, "%s", line)
+    log(INFO, "pflower: done in %.1fs; results in %s", results["wall_seconds"], outputs.dir / "results.json")

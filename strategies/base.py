@@ -88,6 +88,17 @@ class RoundStats:
         log(WARNING, "rejected reply from client %s: %s", cid, reason)
 
 
+SUMMARY_KEYS = ("mean", "weighted", "worst")
+
+
+def summarize_accuracy(prefix: str, scores: list[tuple[float, int]]) -> dict[str, float]:
+    """``<prefix>_mean``, ``_weighted`` (by sample count) and ``_worst`` of (accuracy, count) pairs."""
+    accuracies = [a for a, _ in scores]
+    return {f"{prefix}_mean": float(np.mean(accuracies)),
+            f"{prefix}_weighted": sum(a * n for a, n in scores) / sum(n for _, n in scores),
+            f"{prefix}_worst": min(accuracies)}
+
+
 def array_spec(state: StateDict) -> dict[str, tuple[tuple[int, ...], str]]:
     """Keys, shapes and numpy dtype names of a state dict: what a reply must match."""
     return {k: (tuple(v.shape), str(v.detach().cpu().numpy().dtype)) for k, v in state.items()}
@@ -151,6 +162,12 @@ class PFLStrategy(Strategy):
         self._aggregated: list[int] = []
         self._eval_sample: list[int] | None = None
         self._reply_cid: dict[str, int] = {}  # message id -> client it was sent for
+        # Clients left out of the personalized-accuracy summary (e.g. the Byzantine ones).
+        self.excluded_clients: set[int] = set()
+        # Ground-truth domain/cluster of every client and the names of the groups (from the
+        # federation, as partition.json has them): per-group accuracy in every metrics row.
+        self.client_groups: list[int] = []
+        self.group_names: list[str] = []
 
     @classmethod
     def from_model(cls, cfg: DictConfig, model: torch.nn.Module,
@@ -341,22 +358,35 @@ class PFLStrategy(Strategy):
         return [cid for cid in self._eval_sample if cid in self.clients]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Mean, sample-weighted mean and worst client of the personal accuracies."""
+        """Mean, sample-weighted mean and worst client of the personal accuracies on the test
+        split and (where clients have one) on their validation split; ``excluded_clients`` are
+        scored but left out of the summary."""
         scores = [s for s in (self.validate_eval_reply(m) for m in replies) if s is not None]
         if not scores:
             return None
         acc = {cid: m["accuracy"] for cid, m in scores}
-        n = {cid: m["num-examples"] for cid, m in scores}
-        result = {
-            "accuracy_mean": float(np.mean(list(acc.values()))),
-            "accuracy_weighted": sum(acc[c] * n[c] for c in acc) / sum(n.values()),
-            "accuracy_worst": min(acc.values()),
-        }
-        glob = [(m["global_accuracy"], m["num-examples"]) for _, m in scores if "global_accuracy" in m]
+        counted = [(cid, m) for cid, m in scores if cid not in self.excluded_clients] or scores
+        result = summarize_accuracy("accuracy", [(m["accuracy"], m["num-examples"]) for _, m in counted])
+        val = [(m["validation_accuracy"], m["num-val"]) for _, m in counted if "validation_accuracy" in m]
+        if val:
+            result.update(summarize_accuracy("validation", val))
+        glob = [(m["global_accuracy"], m["num-examples"]) for _, m in counted if "global_accuracy" in m]
         if self.has_global_model and glob:
             result["global_accuracy"] = sum(a * k for a, k in glob) / sum(k for _, k in glob)
         result.update({f"client_{c}": a for c, a in acc.items()})
         return MetricRecord(result)
+
+    def group_accuracy(self, per_client: dict[int, float]) -> dict[str, float]:
+        """Mean accuracy of each domain/cluster's clients (over the clients that reported;
+        ``excluded_clients`` left out), keyed by the group's name."""
+        groups: dict[str, list[float]] = {}
+        for cid, accuracy in sorted(per_client.items()):
+            if cid in self.excluded_clients or cid >= len(self.client_groups):
+                continue
+            gid = self.client_groups[cid]
+            name = self.group_names[gid] if gid < len(self.group_names) else str(gid)
+            groups.setdefault(name, []).append(accuracy)
+        return {name: float(np.mean(values)) for name, values in groups.items()}
 
     def summary(self) -> None:
         log(INFO, "\t├── strategy: %s (%s clients)", self.name, self.num_clients)
@@ -437,17 +467,21 @@ class PFLStrategy(Strategy):
             if reply.has_error():
                 self.stats.reject(self._cid_of(reply), f"personalize failed: {reply.error.reason}")
 
-    @staticmethod
-    def _eval_row(metrics: MetricRecord) -> dict[str, Any]:
+    def _eval_row(self, metrics: MetricRecord) -> dict[str, Any]:
         per_client = {int(k.split("_", 1)[1]): float(v) for k, v in metrics.items()
                       if k.startswith("client_")}
-        return {
-            "personalized_accuracy": {"mean": float(metrics["accuracy_mean"]),
-                                      "weighted": float(metrics["accuracy_weighted"]),
-                                      "worst": float(metrics["accuracy_worst"])},
+        row = {
+            "personalized_accuracy": {k: float(metrics[f"accuracy_{k}"]) for k in SUMMARY_KEYS},
             "global_accuracy": float(metrics["global_accuracy"]) if "global_accuracy" in metrics else None,
             "per_client_accuracy": per_client,
         }
+        if "validation_mean" in metrics:
+            row["validation_accuracy"] = {k: float(metrics[f"validation_{k}"]) for k in SUMMARY_KEYS}
+        if self.client_groups and len(self.group_names) > 1:
+            row["group_accuracy"] = self.group_accuracy(per_client)
+        if self.excluded_clients:
+            row["excluded_clients"] = sorted(self.excluded_clients)
+        return row
 
     # --- validation -------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], int]:
@@ -522,6 +556,7 @@ class PFLStrategy(Strategy):
         return None
 
     def validate_eval_reply(self, message: Message) -> tuple[int, dict] | None:
+        """The client and its scores, or None (rejected and counted) if anything is off."""
         cid = self._cid_of(message)
         if cid is None:
             self.stats.reject(cid, "evaluation reply from an unknown node")
@@ -534,9 +569,14 @@ class PFLStrategy(Strategy):
             return None
         metrics = dict(message.content.metric_records[METRICS])
         problem = self._num_examples_problem(message.content.metric_records[METRICS], cid, train=False)
-        accs = [metrics.get("accuracy"), metrics.get("global_accuracy", 0.0)]
+        accs = [metrics.get("accuracy"), metrics.get("global_accuracy", 0.0),
+                metrics.get("validation_accuracy", 0.0)]
         if problem is None and not all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in accs):
             problem = f"accuracy {accs} outside [0, 1]"
+        if problem is None and "validation_accuracy" in metrics:
+            num_val = metrics.get("num-val")
+            if not isinstance(num_val, int) or isinstance(num_val, bool) or num_val < 1:
+                problem = f"num-val={num_val!r} is not a positive integer"
         if problem is not None:
             self.stats.reject(cid, problem)
             return None

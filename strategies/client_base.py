@@ -82,20 +82,47 @@ class ClientMethod:
     def generator(self, server_round: int, stream: int = 0) -> torch.Generator:
         return step_generator(int(self.cfg.seed), self.cid, server_round, stream)
 
+    def round_lr(self, server_round: int) -> float:
+        """The run's learning rate in ``server_round``: lr * lr_decay**(round - 1)."""
+        return float(self.cfg.lr) * float(self.cfg.get("lr_decay", 1.0)) ** (server_round - 1)
+
     def fit(self, model: nn.Module, server_round: int, *, epochs: int | None = None,
             lr: float | None = None, stream: int = 0, **kwargs: Any) -> float:
-        """Train ``model`` on this client's training split with the run's settings."""
+        """Train ``model`` on this client's training split with the run's settings.
+
+        The run's ``momentum``, ``weight_decay``, ``drop_last`` and decayed learning rate apply
+        unless given here as keyword arguments.
+        """
+        settings = {"momentum": float(self.cfg.get("momentum", 0.0)),
+                    "weight_decay": float(self.cfg.get("weight_decay", 0.0)),
+                    "drop_last": bool(self.cfg.get("drop_last", False)), **kwargs}
         return train_epochs(
             model, self.data.x_train, self.data.y_train,
             epochs=int(self.cfg.local_epochs if epochs is None else epochs),
             batch_size=int(self.cfg.batch_size),
-            lr=float(self.cfg.lr if lr is None else lr),
-            gen=self.generator(server_round, stream), **kwargs,
+            lr=self.round_lr(server_round) if lr is None else float(lr),
+            gen=self.generator(server_round, stream), **settings,
         )
 
-    def score(self, model: nn.Module) -> tuple[float, float]:
-        """(loss, accuracy) of ``model`` on this client's test split."""
+    def score(self, model: nn.Module, split: str = "test") -> tuple[float, float]:
+        """(loss, accuracy) of ``model`` on this client's ``test`` or ``val`` split."""
+        if split == "val":
+            if self.data.x_val is None:
+                raise ValueError(f"client {self.cid} has no validation split")
+            return evaluate(model, self.data.x_val, self.data.y_val)
         return evaluate(model, self.data.x_test, self.data.y_test)
+
+    def report(self, personal: nn.Module, global_model: nn.Module | None = None) -> dict[str, float]:
+        """What ``evaluate`` returns: the personal model on the test split and, where the client
+        has one, on its validation split (what selects the reported round); the global model
+        (if the method has one) on the test split."""
+        loss, acc = self.score(personal)
+        scores = {"loss": loss, "accuracy": acc}
+        if self.data.num_val:
+            scores["validation_accuracy"] = self.score(personal, "val")[1]
+        if global_model is not None:
+            scores["global_accuracy"] = acc if global_model is personal else self.score(global_model)[1]
+        return scores
 
     # --- the API the ClientApp calls ---------------------------------------------------
     def train(self, received: StateDict, config: dict) -> TrainResult:
@@ -107,5 +134,5 @@ class ClientMethod:
 
     def evaluate(self, received: StateDict, config: dict) -> dict[str, float]:
         """Score the personal model; by default the received model is the personal model."""
-        loss, acc = self.score(self.model("main", received))
-        return {"loss": loss, "accuracy": acc, "global_accuracy": acc}
+        model = self.model("main", received)
+        return self.report(model, model)

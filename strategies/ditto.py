@@ -42,6 +42,5 @@ class DittoClient(ClientMethod):
                            {"train_loss": loss, "personal_loss": personal_loss})
 
     def evaluate(self, received, config):
-        _, global_acc = self.score(self.model("global", received))
-        loss, acc = self.score(self.model("personal", self.state.load("personal") or received))
-        return {"loss": loss, "accuracy": acc, "global_accuracy": global_acc}
+        personal = self.model("personal", self.state.load("personal") or received)
+        return self.report(personal, self.model("global", received))

@@ -30,11 +30,9 @@ class FedAvgFTClient(FedAvgClient):
     name = "fedavg_ft"
 
     def evaluate(self, received, config):
-        _, global_acc = self.score(self.model("main", received))
         tuned = self.model("finetuned", received)
         ft_lr = self.cfg.strategy.ft_lr
         # Stream 2 and the round keep fine-tuning batches apart from training batches.
         self.fit(tuned, int(config["server-round"]), epochs=int(self.cfg.strategy.ft_epochs),
                  lr=None if ft_lr is None else float(ft_lr), stream=2)
-        loss, acc = self.score(tuned)
-        return {"loss": loss, "accuracy": acc, "global_accuracy": global_acc}
+        return self.report(tuned, self.model("main", received))

@@ -48,5 +48,4 @@ class FedBNClient(ClientMethod):
         return TrainResult(shared, self.data.num_train, {"train_loss": loss})
 
     def evaluate(self, received, config):
-        loss, acc = self.score(self.personal_model(received))
-        return {"loss": loss, "accuracy": acc}
+        return self.report(self.personal_model(received))

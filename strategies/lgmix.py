@@ -40,6 +40,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -173,7 +174,12 @@ class LGMix(PFLStrategy):
         return {"cbar": float(self.cbar[cid])}
 
     def round_metrics(self, server_round):
-        return {"lgmix": self.round_values.get(server_round, {})}
+        """Per client c_i, cbar_i and both traces, and their means over the round's clients:
+        cbar is a running mean over all rounds, so the per-round c_i shows what it averages."""
+        values = self.round_values.get(server_round, {})
+        means = {f"lgmix_{key}_mean": float(np.mean([v[key] for v in values.values()])) if values else None
+                 for key in ("c", "cbar")}
+        return {"lgmix": values, **means}
 
     def plot(self, rows, directory):
         return [plot_cbar(rows, directory / "cbar.png")]
@@ -249,13 +255,13 @@ class LGMixClient(ClientMethod):
         return {"cbar": cbar}
 
     def evaluate(self, received, config):
-        _, global_acc = self.score(self.model("global", received))
-        loss, acc = self.score(self.model("main", self.personal_state(received)))
-        return {"loss": loss, "accuracy": acc, "global_accuracy": global_acc}
+        personal = self.model("main", self.personal_state(received))
+        return self.report(personal, self.model("global", received))
 
 
 def plot_cbar(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Plot each client's cbar_i over rounds from metrics.jsonl rows (key ``lgmix``) to a PNG.
+    """Plot each client's cbar_i over rounds from metrics.jsonl rows (key ``lgmix``) to a PNG,
+    with the round's mean c_i (dashed) beside the mean cbar_i (black).
 
     A client appears at the rounds it took part in; cbar_i is constant in between.
     """
@@ -270,8 +276,12 @@ def plot_cbar(rows: list[dict[str, Any]], path: str | Path) -> Path:
             series.setdefault(int(cid), []).append((int(row["round"]), float(values["cbar"])))
     fig, ax = plt.subplots(figsize=(6, 4))
     for cid, points in sorted(series.items()):
-        ax.plot(*zip(*points, strict=True), "o-", markersize=3, label=f"client {cid}")
-    ax.set(xlabel="round", ylabel="cbar (weight of the local update)", title="LG-Mix mixing coefficients",
+        ax.plot(*zip(*points, strict=True), "o-", markersize=3, alpha=0.6, label=f"client {cid}")
+    for key, style, label in (("lgmix_cbar_mean", "k-", "mean cbar_i"), ("lgmix_c_mean", "k--", "mean c_i")):
+        points = [(int(r["round"]), float(r[key])) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, linewidth=2, label=label)
+    ax.set(xlabel="round", ylabel="weight of the local update", title="LG-Mix: c_i per round, cbar_i",
            ylim=(0, 1))
     ax.grid(alpha=0.3)
     if series:

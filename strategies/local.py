@@ -46,5 +46,4 @@ class LocalClient(ClientMethod):
         return TrainResult({}, self.data.num_train, {"train_loss": loss})
 
     def evaluate(self, received, config):
-        loss, acc = self.score(self.personal_model())
-        return {"loss": loss, "accuracy": acc}
+        return self.report(self.personal_model())

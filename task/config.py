@@ -19,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("strategy", "dataset", "partition", "model")
+# Paper presets: ``+experiment=NAME`` merges conf/experiment/NAME.yaml (``# @package _global_``)
+# over the defaults; later overrides on the same command line still win.
+PRESETS = "experiment"
 
 
 class ConfigError(ValueError):
@@ -87,6 +90,10 @@ TOP_SCHEMA: Schema = {
     "client_threads": Field(int, 0),
     "resume": Field(str),
     "client_state_dir": Field(str),
+    "momentum": Field(float, 0.0, 1.0, high_open=True),
+    "weight_decay": Field(float, 0.0),
+    "lr_decay": Field(float, 0.0, 1.0, low_open=True),
+    "drop_last": Field(bool),
 }
 
 GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
@@ -104,7 +111,7 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
             **SOURCE_FIELDS,
             "domains": Field(list),
             "image_size": Field(int, 8, 64),
-            "percent": Field(float, 0.0, 1.0, low_open=True),
+            "percent": Field(float, 0.0, 1.0, low_open=True, nullable=True),
         },
         "mnist5k": {**SOURCE_FIELDS, "test_fraction": Field(float, 0.0, 1.0, low_open=True, high_open=True)},
     },
@@ -166,12 +173,18 @@ def compose_config(overrides: str = "") -> DictConfig:
 
 def _explain(err: Exception, args: list[str]) -> str:
     text = str(err)
-    for group in GROUPS:
+    for group in (*GROUPS, PRESETS):
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         if f"'{group}/" in text or f"'{group}'" in text:
             return f"{text}\nValid choices for '{group}': {', '.join(options)}"
     top = ", ".join(sorted(TOP_SCHEMA)) + ", " + ", ".join(GROUPS)
-    return f"{text}\nOverrides given: {args}\nValid top-level keys: {top}"
+    return (f"{text}\nOverrides given: {args}\nValid top-level keys: {top}; "
+            f"presets: +{PRESETS}=<{'|'.join(available_presets())}>")
+
+
+def available_presets() -> list[str]:
+    """The paper presets in conf/experiment/ (``+experiment=NAME``)."""
+    return sorted(p.stem for p in (CONF_DIR / PRESETS).glob("*.yaml"))
 
 
 def validate(cfg: DictConfig) -> None:

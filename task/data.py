@@ -180,6 +180,7 @@ def build_federation(cfg: DictConfig) -> Federation:
     from task.sources import load_source
 
     seed = int(cfg.seed)
+    val_fraction = float(cfg.partition.get("val_fraction", 0.0) or 0.0)
     if cfg.dataset.name == "digits":
         if cfg.partition.name != "domains":
             raise ValueError(f"dataset=digits renders one visual domain per client group and takes "
@@ -191,8 +192,8 @@ def build_federation(cfg: DictConfig) -> Federation:
             dataset = OmegaConf.merge(dataset, {"clients_per_domain": int(per)})
         fed = build_digits_federation(dataset, seed)
     else:
-        fed = partition_source(load_source(cfg.dataset), cfg.partition, seed)
-    return split_validation(fed, float(cfg.partition.get("val_fraction", 0.0) or 0.0), seed)
+        fed = partition_source(load_source(cfg.dataset, val_fraction), cfg.partition, seed)
+    return split_validation(fed, val_fraction, seed)
 
 
 def federation_key(cfg: DictConfig) -> str:

@@ -52,6 +52,22 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+SELECTION_RULE = "best round = highest mean validation accuracy; its test accuracy is reported"
+NO_SELECTION = ("no validation data (val_fraction = 0): no best round is selected, only the final "
+                "round is reported")
+
+
+def select_best_round(rows: list[dict]) -> dict | None:
+    """The round with the highest mean validation accuracy (the earliest of equals), or None.
+
+    Test accuracy never takes part: it is only what the selected round reports.
+    """
+    scored = [r for r in rows if r.get("validation_accuracy")]
+    if not scored:
+        return None
+    return max(scored, key=lambda r: (r["validation_accuracy"]["mean"], -r["round"]))
+
+
 class RunOutputs:
     """Writes ``config.yaml``, ``metrics.jsonl``, ``results.json`` and PNG plots."""
 
@@ -83,17 +99,27 @@ class RunOutputs:
         atomic_write_text(self.dir / name, json.dumps(jsonable(payload), indent=2))
 
     def write_results(self, wall_seconds: float) -> dict:
-        """Summarise metrics.jsonl into results.json: last and best round, totals."""
+        """Summarise metrics.jsonl into results.json: the final and the selected round, totals.
+
+        The best round is chosen on validation data only (``select_best_round``); its test
+        accuracy is what the best-round columns report. Without validation data there is no
+        best round, and ``selection`` says so.
+        """
         rows = self.rounds()
         evaluated = [r for r in rows if r.get("personalized_accuracy")]
-        per_client = evaluated[-1].get("per_client_accuracy", {}) if evaluated else {}
-        best = max(evaluated, key=lambda r: r["personalized_accuracy"]["mean"], default=None)
+        final = evaluated[-1] if evaluated else None
+        best = select_best_round(rows)
         results = {
             "num_rounds": len(rows),
+            "selection": SELECTION_RULE if best is not None else NO_SELECTION,
             "last_round": rows[-1] if rows else None,
-            "last_evaluated_round": evaluated[-1] if evaluated else None,
+            "last_evaluated_round": final,
             "best_round": best,
-            "per_client_accuracy": per_client,
+            "final_accuracy": (final or {}).get("personalized_accuracy"),
+            "best_accuracy": (best or {}).get("personalized_accuracy"),
+            "per_client_accuracy": (final or {}).get("per_client_accuracy", {}),
+            "group_accuracy": (final or {}).get("group_accuracy"),
+            "best_group_accuracy": (best or {}).get("group_accuracy"),
             "bytes_up": sum(r.get("bytes_up", 0) for r in rows),
             "bytes_down": sum(r.get("bytes_down", 0) for r in rows),
             "rejected_replies": sum(r.get("rejected_replies", 0) for r in rows),
@@ -101,6 +127,32 @@ class RunOutputs:
         }
         self.write_json("results.json", results)
         return results
+
+    @staticmethod
+    def summary_lines(results: dict) -> list[str]:
+        """The end-of-run summary: final and selected accuracy, and a per-group table."""
+        final, best = results.get("final_accuracy"), results.get("best_accuracy")
+        lines = []
+        if final:
+            lines.append(f"pflower: final round {results['last_evaluated_round']['round']}: personal acc "
+                         f"{final['mean']:.4f} (weighted {final['weighted']:.4f}, "
+                         f"worst {final['worst']:.4f})")
+        if best:
+            val = results["best_round"]["validation_accuracy"]["mean"]
+            lines.append(f"pflower: best round by validation {results['best_round']['round']} (val acc "
+                         f"{val:.4f}): personal test acc {best['mean']:.4f} (worst {best['worst']:.4f})")
+        else:
+            lines.append(f"pflower: {NO_SELECTION}")
+        groups = results.get("group_accuracy")
+        if groups:
+            width = max(len(name) for name in groups)
+            lines.append(f"pflower: {'group'.ljust(width)} | final acc"
+                         + (" | best-round acc" if results.get("best_group_accuracy") else ""))
+            for name, value in groups.items():
+                best_value = (results.get("best_group_accuracy") or {}).get(name)
+                lines.append(f"pflower: {name.ljust(width)} | {value:9.4f}"
+                             + (f" | {best_value:14.4f}" if best_value is not None else ""))
+        return lines
 
     def plot_accuracy(self, title: str) -> Path:
         """accuracy.png: mean, worst-client and global accuracy per round."""

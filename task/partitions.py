@@ -220,21 +220,31 @@ def partition_source(source: Source, partition: DictConfig, seed: int) -> Federa
             raise ValueError(f"client {cid} gets no test samples: {source.name}'s test set is too small for "
                              f"{len(specs)} clients (lower partition.num_clients / clients_per_domain)")
         train, test = torch.from_numpy(s.train), torch.from_numpy(s.test)
-        x_tr, x_te = source.x_train[train], source.x_test[test]
-        y_tr, y_te = source.y_train[train], source.y_test[test]
+        val = train[source.val_train[train]] if source.val_train is not None else train[:0]
+        if len(val):  # the dataset's own validation samples (in file order)
+            train = train[~source.val_train[train]]
+        x_tr, x_te, x_va = source.x_train[train], source.x_test[test], source.x_train[val]
+        y_tr, y_te, y_va = source.y_train[train], source.y_test[test], source.y_train[val]
         if s.rotate:
-            x_tr, x_te = (torch.rot90(x, s.rotate, dims=(2, 3)).contiguous() for x in (x_tr, x_te))
+            x_tr, x_te, x_va = (torch.rot90(x, s.rotate, dims=(2, 3)).contiguous()
+                                for x in (x_tr, x_te, x_va))
         if s.shift:
-            y_tr, y_te = (y_tr + s.shift) % C, (y_te + s.shift) % C
-        clients.append(ClientData(x_tr, y_tr, x_te, y_te, s.domain, names[s.domain]))
+            y_tr, y_te, y_va = ((y + s.shift) % C for y in (y_tr, y_te, y_va))
+        data = ClientData(x_tr, y_tr, x_te, y_te, s.domain, names[s.domain])
+        if len(val):
+            data.x_val, data.y_val = x_va, y_va
+        clients.append(data)
     return Federation(clients, C, source.input_shape, names)
 
 
 def split_validation(federation: Federation, val_fraction: float, seed: int) -> Federation:
-    """Move a seeded ``val_fraction`` of every client's training split to its validation split."""
+    """Move a seeded ``val_fraction`` of every client's training split to its validation split
+    (clients whose dataset already gave them one keep it)."""
     if val_fraction <= 0:
         return federation
     for cid, c in enumerate(federation.clients):
+        if c.x_val is not None:
+            continue
         n = c.num_train
         num_val = min(max(1, round(n * val_fraction)), n - 1)
         if num_val < 1:

@@ -33,12 +33,14 @@ import gzip
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flwr.common import log
 from omegaconf import DictConfig
 
 from task.outputs import atomic_write
@@ -61,6 +63,9 @@ class Source:
     domain_train: torch.Tensor | None = None
     domain_test: torch.Tensor | None = None
     domain_names: tuple[str, ...] = ()
+    # Training samples the dataset's own layout reserves for validation (a bool mask over
+    # x_train), e.g. the last share of LG-Mix's digits-5 train files; None: no such split.
+    val_train: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -222,14 +227,17 @@ def _read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(images), np.asarray(labels)
 
 
-def digits5_files(domain_dir: Path, percent: float) -> tuple[list[Path], Path, str] | None:
+DIGITS5_DEFAULT_PERCENT = {"fedbn": 0.1, "lgmix": 1.0}
+
+
+def digits5_files(domain_dir: Path, percent: float | None) -> tuple[list[Path], Path, str] | None:
     """The train pickles, the test pickle and the layout found in one domain folder, or None.
 
     FedBN's layout: ``partitions/train_part{0..9}.pkl`` (10% of the train set each; the first
     ``int(percent * 10)`` are read, as FedBN does) and ``test.pkl``. LG-Mix's layout: ``train_stratified.pkl``
     and ``test_stratified.pkl``.
     """
-    parts = max(1, int(round(percent * 10, 6)))
+    parts = max(1, int(round((DIGITS5_DEFAULT_PERCENT["fedbn"] if percent is None else percent) * 10, 6)))
     fedbn = [domain_dir / "partitions" / f"train_part{i}.pkl" for i in range(parts)]
     if all(p.exists() for p in fedbn) and (domain_dir / "test.pkl").exists():
         return fedbn, domain_dir / "test.pkl", "fedbn"
@@ -251,7 +259,8 @@ def canonical_digits5_domain(name: str) -> str:
     return DIGITS5_ALIASES.get(name, name)
 
 
-def load_digits5(root: Path, domains: list[str], image_size: int, percent: float) -> Source:
+def load_digits5(root: Path, domains: list[str], image_size: int, percent: float | None,
+                 val_fraction: float = 0.0) -> Source:
     """The digits-5 feature-shift suite from FedBN's published pickles, one domain id per sample.
 
     Folder ``<root>/digits5/<domain>/`` for each domain of MNIST, SVHN, USPS, SynthDigits,
@@ -259,16 +268,21 @@ def load_digits5(root: Path, domains: list[str], image_size: int, percent: float
     (``train_stratified.pkl`` + ``test_stratified.pkl``). Each pickle holds ``(images, labels)``
     with uint8 images (N, H, W) or (N, H, W, 3). Every domain is resized to ``image_size`` and
     made RGB (grey repeated), as FedBN's transforms do. The pickles are local files the user
-    supplied (FedBN's release); they never come from the network. ``percent`` is FedBN's share
-    of each domain's train set (0.1 = ``train_part0.pkl``; the LG-Mix layout keeps the first
-    ``percent`` of its train file; 1.0 = all of it).
+    supplied (FedBN's release); they never come from the network.
+
+    ``percent`` is the share of each domain's train set read; None takes the layout's own
+    default: FedBN's 0.1 (``train_part0.pkl``; 0.3 reads parts 0-2), LG-Mix's 1.0 (the whole
+    ``train_stratified.pkl``; a smaller value keeps its first ``percent``). With LG-Mix's layout,
+    ``val_fraction`` reserves the *last* share of each train file for validation, as LG-Mix's
+    code does (train on the first 75%, validate on the last 25%). How many samples each domain
+    kept is logged.
     """
     names = [canonical_digits5_domain(d) for d in domains]
     unknown = [d for d in names if d not in DIGITS5_DOMAINS]
     if unknown or not names:
         raise ValueError(f"dataset.domains: unknown {unknown}; digits5 has {list(DIGITS5_DOMAINS)}")
     base = root / "digits5"
-    xs_tr, ys_tr, ds_tr, xs_te, ys_te, ds_te = [], [], [], [], [], []
+    xs_tr, ys_tr, ds_tr, xs_te, ys_te, ds_te, vals = [], [], [], [], [], [], []
     for did, domain in enumerate(names):
         found = digits5_files(base / domain, percent)
         if found is None:
@@ -281,19 +295,30 @@ def load_digits5(root: Path, domains: list[str], image_size: int, percent: float
         pairs = [_read_pickle(p) for p in train_files]
         x_tr = np.concatenate([p[0] for p in pairs])
         y_tr = np.concatenate([np.asarray(p[1]).reshape(-1) for p in pairs])
-        if layout == "lgmix" and percent < 1.0:
-            keep = max(1, int(len(y_tr) * percent))
+        share = DIGITS5_DEFAULT_PERCENT[layout] if percent is None else percent
+        read = len(y_tr)
+        if layout == "lgmix" and share < 1.0:
+            keep = max(1, int(read * share))
             x_tr, y_tr = x_tr[:keep], y_tr[:keep]
-        elif layout == "fedbn" and percent < 0.1:
-            keep = max(1, int(len(y_tr) * percent * 10))
+        elif layout == "fedbn" and share < 0.1:
+            keep = max(1, int(read * share * 10))
             x_tr, y_tr = x_tr[:keep], y_tr[:keep]
+        val = torch.zeros(len(y_tr), dtype=torch.bool)
+        if layout == "lgmix" and val_fraction > 0:
+            val[len(y_tr) - min(max(1, round(len(y_tr) * val_fraction)), len(y_tr) - 1):] = True
+        log(INFO, "digits5 %s (%s layout, percent=%s): %d of %d training samples read kept "
+            "(%d for validation), %s", domain, layout, share, len(y_tr), read, int(val.sum()),
+            ", ".join(p.name for p in train_files))
         x_te, y_te = _read_pickle(test_file)
         for xs, ys, ds, x, y in ((xs_tr, ys_tr, ds_tr, x_tr, y_tr), (xs_te, ys_te, ds_te, x_te, y_te)):
             xs.append(_resize_rgb(to_float_images(x, channels_last=np.asarray(x).ndim == 4), image_size))
             ys.append(to_labels(y))
             ds.append(torch.full((len(ys[-1]),), did, dtype=torch.int64))
+        vals.append(val)
+    val_train = torch.cat(vals)
     return Source("digits5", torch.cat(xs_tr), torch.cat(ys_tr), torch.cat(xs_te), torch.cat(ys_te), 10,
-                  torch.cat(ds_tr), torch.cat(ds_te), tuple(names))
+                  torch.cat(ds_tr), torch.cat(ds_te), tuple(names),
+                  val_train=val_train if bool(val_train.any()) else None)
 
 
 # --------------------------------------------------------------------------- mnist5k
@@ -333,8 +358,12 @@ def load_mnist5k(test_fraction: float) -> Source:
 SOURCES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "usps", "digits5", "mnist5k")
 
 
-def load_source(dataset: DictConfig) -> Source:
-    """Load the whole dataset the ``dataset`` config group names."""
+def load_source(dataset: DictConfig, val_fraction: float = 0.0) -> Source:
+    """Load the whole dataset the ``dataset`` config group names.
+
+    ``val_fraction`` matters only where the dataset's own layout says which samples validate
+    (digits5 in LG-Mix's layout); elsewhere the partitioner carves the validation split.
+    """
     name = dataset.name
     root = Path(str(dataset.get("data_root", "data"))).expanduser()
     download = bool(dataset.get("download", True))
@@ -347,7 +376,9 @@ def load_source(dataset: DictConfig) -> Source:
     if name == "usps":
         return load_usps(root, download)
     if name == "digits5":
-        return load_digits5(root, list(dataset.domains), int(dataset.image_size), float(dataset.percent))
+        percent = dataset.get("percent")
+        return load_digits5(root, list(dataset.domains), int(dataset.image_size),
+                            None if percent is None else float(percent), val_fraction)
     if name == "mnist5k":
         return load_mnist5k(float(dataset.test_fraction))
     raise ValueError(f"unknown dataset {name!r}; valid: digits, {', '.join(SOURCES)}")

@@ -6,8 +6,9 @@ Comma-separated values are swept (Hydra's sweep syntax, parsed by Hydra's own ov
 parser: ``range(0,3)`` and ``choice(a,b)`` work too); every combination runs as a real Flower
 simulation through ``pflower-sim`` (``flwr run``), one after the other, each writing its own
 output directory under ``--out``. Then ``summary.csv`` and ``summary.md`` (one row per
-combination of the swept keys other than ``seed``: final and best mean personalized accuracy,
-worst client, global accuracy, bytes, wall time, as mean ± std over seeds) and
+combination of the swept keys other than ``seed``: final mean personalized accuracy, worst
+client, the best round by mean validation accuracy (never by test accuracy) with its test
+accuracy, global accuracy, bytes, wall time, as mean ± std over seeds) and
 ``summary.png`` (mean personalized accuracy per round, one line per row) are written.
 A job whose output already has ``results.json`` is not run again, so a sweep can be resumed.
 """
@@ -26,6 +27,7 @@ import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from task import launch
+from task.outputs import select_best_round
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -79,11 +81,15 @@ def summarize(groups: dict[str, list[Path]], out: Path) -> list[dict]:
             return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
 
         last = [r["last_evaluated_round"] for r in results]
+        # The same rule as each run's results.json: the round with the best mean validation
+        # accuracy, recomputed from metrics.jsonl; test accuracy never selects.
+        best = [select_best_round(_rounds(d)) for d in dirs if (d / "results.json").exists()]
         row = {"run": key, "seeds": len(results)}
         for name, values in {
             "final_mean": [x["personalized_accuracy"]["mean"] for x in last],
             "final_worst": [x["personalized_accuracy"]["worst"] for x in last],
-            "best_mean": [r["best_round"]["personalized_accuracy"]["mean"] for r in results],
+            "best_val_mean": [b["validation_accuracy"]["mean"] if b else None for b in best],
+            "best_mean": [b["personalized_accuracy"]["mean"] if b else None for b in best],
             "final_global": [x.get("global_accuracy") for x in last],
             "mbytes_total": [(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in results],
             "wall_seconds": [r["wall_seconds"] for r in results],
@@ -108,21 +114,27 @@ def _fmt(mean: float | None, std: float | None, digits: int = 4) -> str:
 
 def _write_tables(rows: list[dict], out: Path) -> None:
     columns = ["run", "seeds", "final_mean", "final_mean_std", "final_worst", "final_worst_std",
-               "best_mean", "best_mean_std", "final_global", "final_global_std", "mbytes_total",
+               "best_val_mean", "best_val_mean_std", "best_mean", "best_mean_std", "final_global",
+               "final_global_std", "mbytes_total",
                "mbytes_total_std", "wall_seconds", "wall_seconds_std"]
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| run | seeds | final personal acc (mean) | worst client | best round (mean) | "
-             "global acc | MB up+down | wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | seeds | final personal acc (mean) | worst client | best-by-validation round: "
+             "val acc | its test acc | global acc | MB up+down | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['seeds']} | {_fmt(r['final_mean'], r['final_mean_std'])} | "
                      f"{_fmt(r['final_worst'], r['final_worst_std'])} | "
+                     f"{_fmt(r['best_val_mean'], r['best_val_mean_std'])} | "
                      f"{_fmt(r['best_mean'], r['best_mean_std'])} | "
                      f"{_fmt(r['final_global'], r['final_global_std'])} | "
                      f"{_fmt(r['mbytes_total'], r['mbytes_total_std'], 1)} | "
                      f"{_fmt(r['wall_seconds'], r['wall_seconds_std'], 1)} |")
+    lines += ["", "Final: the last evaluated round. Best-by-validation: per run, the round with the highest "
+              "mean validation accuracy, and that round's test accuracy (— without validation data, "
+              "val_fraction = 0). Test data never selects a round."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 

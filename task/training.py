@@ -13,10 +13,18 @@ StateDict = dict[str, torch.Tensor]
 Penalty = Callable[[nn.Module], torch.Tensor]
 
 
-def batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device):
-    """Shuffled index batches over range(n), from a seeded generator (reproducible)."""
+def batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device,
+            drop_last: bool = False):
+    """Shuffled index batches over range(n), from a seeded generator (reproducible).
+
+    ``drop_last`` drops the last incomplete batch (a DataLoader's ``drop_last``), unless it is
+    the only batch: a client with fewer samples than ``batch_size`` still trains.
+    """
     order = torch.randperm(n, generator=gen).to(device)
-    return order.split(batch_size)
+    chunks = order.split(batch_size)
+    if drop_last and len(chunks) > 1 and len(chunks[-1]) < batch_size:
+        chunks = chunks[:-1]
+    return chunks
 
 
 def train_epochs(
@@ -32,13 +40,14 @@ def train_epochs(
     weight_decay: float = 0.0,
     momentum: float = 0.0,
     after_step: Callable[[], None] | None = None,
+    drop_last: bool = False,
 ) -> float:
     """SGD on cross-entropy (+ penalty) for ``epochs`` epochs; returns the mean batch loss."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     total, steps = 0.0, 0
     for _ in range(epochs):
-        for idx in batches(len(y), batch_size, gen, x.device):
+        for idx in batches(len(y), batch_size, gen, x.device, drop_last):
             if len(idx) < 2 and _has_batchnorm(model):
                 continue  # BatchNorm cannot train on a single sample
             loss = F.cross_entropy(model(x[idx]), y[idx])
