@@ -220,7 +220,7 @@ def partition_source(source: Source, partition: DictConfig, seed: int) -> Federa
             raise ValueError(f"client {cid} gets no test samples: {source.name}'s test set is too small for "
                              f"{len(specs)} clients (lower partition.num_clients / clients_per_domain)")
         train, test = torch.from_numpy(s.train), torch.from_numpy(s.test)
-        val = train[source.val_train[train]] if source.val_train is not None else train[:0]
+        val = train[source.val_train[train]].sort().values if source.val_train is not None else train[:0]
         if len(val):  # the dataset's own validation samples (in file order)
             train = train[~source.val_train[train]]
         x_tr, x_te, x_va = source.x_train[train], source.x_test[test], source.x_train[val]
