@@ -9,6 +9,7 @@ from .fedavg import FedAvg, FedAvgClient
 from .fedavg_ft import FedAvgFT, FedAvgFTClient
 from .fedbn import FedBN, FedBNClient
 from .fedprox import FedProx, FedProxClient
+from .fedslr import FedSLR, FedSLRClient
 from .lgmix import LGMix, LGMixClient
 from .local import Local, LocalClient
 
@@ -20,6 +21,7 @@ REGISTRY: dict[str, tuple[type[PFLStrategy], type[ClientMethod]]] = {
     "local": (Local, LocalClient),
     "ditto": (Ditto, DittoClient),
     "lgmix": (LGMix, LGMixClient),
+    "fedslr": (FedSLR, FedSLRClient),
 }
 
 
