@@ -8,10 +8,12 @@ from .ditto import Ditto, DittoClient
 from .fedavg import FedAvg, FedAvgClient
 from .fedavg_ft import FedAvgFT, FedAvgFTClient
 from .fedbn import FedBN, FedBNClient
+from .fedclup import FedCLUP, FedCLUPClient
 from .fedprox import FedProx, FedProxClient
 from .fedslr import FedSLR, FedSLRClient
 from .lgmix import LGMix, LGMixClient
 from .local import Local, LocalClient
+from .pfml import PFML, PFMLClient
 
 REGISTRY: dict[str, tuple[type[PFLStrategy], type[ClientMethod]]] = {
     "fedavg": (FedAvg, FedAvgClient),
@@ -21,6 +23,8 @@ REGISTRY: dict[str, tuple[type[PFLStrategy], type[ClientMethod]]] = {
     "local": (Local, LocalClient),
     "ditto": (Ditto, DittoClient),
     "lgmix": (LGMix, LGMixClient),
+    "pfml": (PFML, PFMLClient),
+    "fedclup": (FedCLUP, FedCLUPClient),
     "fedslr": (FedSLR, FedSLRClient),
 }
 

@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="+", help="Hydra overrides; comma-separated values are swept")
     parser.add_argument("--out", type=Path, required=True, help="directory for the jobs and the summary")
     parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary")
+    parser.add_argument("--target", type=float, default=None,
+                        help="also write tradeoff.md/.csv/.png: per row, rounds and bytes to reach this "
+                             "mean personalized accuracy, and accuracy against rounds and bytes")
     args = parser.parse_args(argv)
     combos = expand(args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         groups = run_jobs(combos, args.out)
     summarize(groups, args.out)
     print((args.out / "summary.md").read_text())
+    if args.target is not None:
+        from task.tradeoff import write_report
+
+        write_report(groups, args.out, args.target)
+        print((args.out / "tradeoff.md").read_text())
     return 0
 
 
