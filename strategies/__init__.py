@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import PFLStrategy
 from .client_base import ClientMethod
+from .clustered import Clustered, ClusteredClient, ClusteredPerClient, ClusteredPerClientClient
 from .ditto import Ditto, DittoClient
 from .fedavg import FedAvg, FedAvgClient
 from .fedavg_ft import FedAvgFT, FedAvgFTClient
@@ -11,6 +12,7 @@ from .fedbn import FedBN, FedBNClient
 from .fedclup import FedCLUP, FedCLUPClient
 from .fedprox import FedProx, FedProxClient
 from .fedslr import FedSLR, FedSLRClient
+from .ifca import IFCA, IFCAClient
 from .lgmix import LGMix, LGMixClient
 from .local import Local, LocalClient
 from .pfml import PFML, PFMLClient
@@ -23,6 +25,9 @@ REGISTRY: dict[str, tuple[type[PFLStrategy], type[ClientMethod]]] = {
     "local": (Local, LocalClient),
     "ditto": (Ditto, DittoClient),
     "lgmix": (LGMix, LGMixClient),
+    "clustered": (Clustered, ClusteredClient),
+    "clustered_per_client": (ClusteredPerClient, ClusteredPerClientClient),
+    "ifca": (IFCA, IFCAClient),
     "pfml": (PFML, PFMLClient),
     "fedclup": (FedCLUP, FedCLUPClient),
     "fedslr": (FedSLR, FedSLRClient),

@@ -40,6 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from omegaconf import DictConfig
 
+from task import attacks, robust
 from task.outputs import atomic_write
 from task.params import StateDict, decode, model_state, to_record, weighted_mean
 
@@ -50,6 +51,8 @@ POLL_START_S = 0.005
 POLL_MAX_S = 0.05
 CHECKPOINT_META = "__meta__"
 EVAL_SAMPLE_STREAM = 0xE7A1  # second seed word of the evaluation sample's generator
+BYZANTINE_STREAM = 0xB12A  # second seed word of the Byzantine clients' choice
+ADVERSARY_STREAM = 0xADE5  # second seed word of the server-side adversary's choices
 
 
 @dataclass
@@ -80,6 +83,8 @@ class RoundStats:
     bytes_down: int = 0
     rejected_replies: int = 0
     late_replies: int = 0
+    # Uploads the configured aggregator discarded or clipped (task/robust.py), over the round.
+    discarded: int = 0
     reasons: list[str] = field(default_factory=list)
 
     def reject(self, cid: int | None, reason: str) -> None:
@@ -97,6 +102,22 @@ def summarize_accuracy(prefix: str, scores: list[tuple[float, int]]) -> dict[str
     return {f"{prefix}_mean": float(np.mean(accuracies)),
             f"{prefix}_weighted": sum(a * n for a, n in scores) / sum(n for _, n in scores),
             f"{prefix}_worst": min(accuracies)}
+
+
+def choose_byzantine(num_clients: int, cfg: DictConfig) -> list[int]:
+    """The Byzantine clients: ``attack.fraction`` of all, drawn with the run's seed from their
+    own stream (training's sampling sequence is the same with or without an attack).
+
+    ``attack=none`` with a fraction > 0 marks the same clients without any attack: a control
+    run whose summary covers exactly the honest clients of the attacked runs.
+    """
+    attack = cfg.get("attack")
+    fraction = float(attack.get("fraction", 0.0)) if attack is not None else 0.0
+    size = min(num_clients, int(round(fraction * num_clients)))
+    if size == 0:
+        return []
+    rng = np.random.default_rng([int(cfg.seed), BYZANTINE_STREAM])
+    return sorted(int(c) for c in rng.choice(num_clients, size=size, replace=False))
 
 
 def array_spec(state: StateDict) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -149,6 +170,9 @@ class PFLStrategy(Strategy):
     name: ClassVar[str] = ""
     # Whether a single global model exists whose accuracy the clients can report.
     has_global_model: ClassVar[bool] = True
+    # Whether a client uploads an update (a difference of models: LG-Mix, clustered) rather
+    # than its trained model; attacks build a malicious update and send it in that form.
+    upload_is_update: ClassVar[bool] = False
 
     def __init__(self, cfg: DictConfig, initial_state: StateDict, partition_sizes: list[tuple[int, int]]):
         self.cfg = cfg
@@ -168,6 +192,10 @@ class PFLStrategy(Strategy):
         # federation, as partition.json has them): per-group accuracy in every metrics row.
         self.client_groups: list[int] = []
         self.group_names: list[str] = []
+        # Byzantine clients (``attack=``): scored, but excluded from the summary.
+        self.byzantine: list[int] = choose_byzantine(self.num_clients, cfg)
+        self.excluded_clients |= set(self.byzantine)
+        self._sent: dict[int, StateDict] = {}  # what each client was sent this round
 
     @classmethod
     def from_model(cls, cfg: DictConfig, model: torch.nn.Module,
@@ -189,9 +217,79 @@ class PFLStrategy(Strategy):
         return array_spec(sent)
 
     def aggregate_replies(self, server_round: int, replies: list[TrainReply]) -> None:
-        """Update the server state (default: w_g <- sum_j p_j w_j over the replies)."""
-        merged = weighted_mean([r.arrays for r in replies], [r.num_examples for r in replies])
+        """Update the server state (default: w_g <- sum_j p_j w_j over the replies, or the
+        configured robust aggregator, centred on the current w_g)."""
+        merged = self.aggregate([r.arrays for r in replies], [r.num_examples for r in replies],
+                                center=self.global_state)
         self.global_state.update(merged)
+
+    def aggregate(self, states: list[StateDict], weights: list[float],
+                  center: StateDict | None = None) -> StateDict:
+        """The configured aggregator (``aggregator=``, task/robust.py) over client uploads.
+
+        Every averaging of uploads goes through here. ``mean`` (the default) is exactly
+        ``weighted_mean``; ``center`` is the previous aggregate (where centered clipping and
+        threshold clustering start). The uploads it discarded or clipped are counted in the
+        round's ``discarded_uploads``.
+        """
+        config = self.cfg.get("aggregator")
+        name = "mean" if config is None else str(config.name)
+        if name == "mean":
+            return weighted_mean(states, weights)
+        merged, discarded = robust.aggregate_states(name, states, weights, dict(config), center)
+        self.stats.discarded += discarded
+        return merged
+
+    # --- Byzantine clients (the simulated threat model, docs/clustered.md) ---------------
+    def attack_config(self, cid: int) -> dict[str, Any]:
+        """What a Byzantine client is told with its training message (nothing for the others):
+        that it is Byzantine, the attack, and whether it uploads an update or a model."""
+        name = str(self.cfg.attack.name) if self.cfg.get("attack") is not None else "none"
+        if cid not in self.byzantine or name == "none":
+            return {}
+        kind = "update" if self.upload_is_update else "model"
+        return {"byzantine": True, "attack": name, "upload-kind": kind}
+
+    def upload_reference(self, reply: TrainReply) -> StateDict | None:
+        """What the reply's update is relative to: the model the client was sent (None: the
+        upload is the update itself)."""
+        return None if self.upload_is_update else self._sent.get(reply.cid)
+
+    def byzantine_adversary(self, server_round: int, replies: list[TrainReply]) -> list[TrainReply]:
+        """The server-side omniscient adversary: a SIMULATED threat model, not a defence.
+
+        For the attacks that need the honest clients' updates (``bitflip``, ``alie``,
+        ``ipm``: colluding attackers who know what every honest client sends), the Byzantine
+        replies of the round are replaced here, after validation and before aggregation, by
+        the malicious update in the method's upload form. Client-side attacks (``gaussian``,
+        ``signflip``, ``labelflip``) were applied on the Byzantine ClientApps already.
+        """
+        name = str(self.cfg.attack.name) if self.cfg.get("attack") is not None else "none"
+        bad = [r for r in replies if r.cid in self.byzantine]
+        honest = [r for r in replies if r.cid not in self.excluded_clients]
+        if name not in attacks.SERVER_ATTACKS or not bad or not honest or not replies[0].arrays:
+            return replies
+        keys = [k for k, v in replies[0].arrays.items() if v.is_floating_point()]
+        H = torch.stack([self._update_vector(r, keys) for r in honest])
+        rng = np.random.default_rng([int(self.cfg.seed), ADVERSARY_STREAM, server_round])
+        for reply in bad:
+            if name == "bitflip":
+                update = attacks.bitflip(H[int(rng.integers(len(honest)))])
+            elif name == "alie":
+                z = self.cfg.attack.get("z")
+                update = attacks.alie(H, len(bad), None if z is None else float(z))
+            else:
+                update = attacks.ipm(H, float(self.cfg.attack.eps))
+            reference = self.upload_reference(reply)
+            if reference is not None:
+                update = update + robust.flatten(reference, keys)
+            reply.arrays = {**reply.arrays, **robust.unflatten(update, reply.arrays, keys)}
+        return replies
+
+    def _update_vector(self, reply: TrainReply, keys: list[str]) -> torch.Tensor:
+        vector = robust.flatten(reply.arrays, keys)
+        reference = self.upload_reference(reply)
+        return vector if reference is None else vector - robust.flatten(reference, keys)
 
     def personalize_arrays(self, cid: int, server_round: int) -> StateDict | None:
         """Arrays for an optional third phase after aggregation (None: no such phase).
@@ -303,12 +401,15 @@ class PFLStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """One message per sampled client, with that client's own arrays and config."""
         self._sent_specs = {}
+        self._sent = {}
         records: dict[int, tuple[StateDict, ArrayRecord]] = {}
         messages = []
         for cid in self.sample(server_round):
             sent = self.train_arrays(cid, server_round)
             self._sent_specs[cid] = self.expected_upload(cid, sent)
-            values = {**dict(config), **self.train_config(cid, server_round), "server-round": server_round}
+            self._sent[cid] = sent
+            values = {**dict(config), **self.train_config(cid, server_round), **self.attack_config(cid),
+                      "server-round": server_round}
             messages.append(self._message(cid, sent, values, MessageType.TRAIN, records))
         return messages
 
@@ -324,6 +425,7 @@ class PFLStrategy(Strategy):
         """``aggregate_train`` without serialising the new global model (the round loop's step)."""
         valid = [r for r in (self.validate_train_reply(m) for m in replies) if r is not None]
         valid.sort(key=lambda r: r.cid)  # arrival order must not change the floating-point sum
+        valid = self.byzantine_adversary(server_round, valid)
         if len(valid) < int(self.cfg.min_replies):
             log(WARNING, "round %s: %s valid replies < min_replies=%s; round skipped",
                 server_round, len(valid), self.cfg.min_replies)
@@ -446,9 +548,12 @@ class PFLStrategy(Strategy):
         row.update({
             "bytes_up": self.stats.bytes_up, "bytes_down": self.stats.bytes_down,
             "rejected_replies": self.stats.rejected_replies,
+            "discarded_uploads": self.stats.discarded,
             "late_replies": self.stats.late_replies,
             "seconds": time.monotonic() - started,
         })
+        if self.byzantine:
+            row["byzantine_clients"] = self.byzantine
         return row
 
     def personalize(self, grid: Grid, server_round: int, timeout: float) -> None:

@@ -46,7 +46,7 @@ from torch import nn
 
 from task.config import register_strategy_schema
 from task.models import last_linear
-from task.params import StateDict, model_state, subtract, weighted_mean
+from task.params import StateDict, model_state, subtract
 
 from .base import PFLStrategy, array_spec
 from .client_base import ClientMethod, TrainResult
@@ -136,6 +136,7 @@ class LGMix(PFLStrategy):
     """Server half: w_g <- w_g + Dbar; per client the running mean cbar_i of its c_i."""
 
     name = "lgmix"
+    upload_is_update = True  # clients upload Delta_i
 
     def __init__(self, cfg, initial_state, partition_sizes):
         super().__init__(cfg, initial_state, partition_sizes)
@@ -157,7 +158,9 @@ class LGMix(PFLStrategy):
                                   "t_local": float(r.metrics[T_LOCAL]),
                                   "t_global": float(r.metrics[T_GLOBAL])}
         self.round_values = {server_round: values}
-        self.dbar = weighted_mean([r.arrays for r in replies], [r.num_examples for r in replies])
+        # Dbar through the configured aggregator (mean: the p-weighted mean), centred on the last Dbar.
+        self.dbar = self.aggregate([r.arrays for r in replies], [r.num_examples for r in replies],
+                                   center=self.dbar or None)
         for k, d in self.dbar.items():
             self.global_state[k] = self.global_state[k] + d.to(self.global_state[k])
 

@@ -18,7 +18,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("strategy", "dataset", "partition", "model")
+GROUPS = ("strategy", "dataset", "partition", "model", "aggregator", "attack")
 # Paper presets: ``+experiment=NAME`` merges conf/experiment/NAME.yaml (``# @package _global_``)
 # over the defaults; later overrides on the same command line still win.
 PRESETS = "experiment"
@@ -129,6 +129,32 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
                     "val_fraction": VAL_FRACTION},
         "class_groups": {"name": Field(str), "num_clients": COUNT, "num_clusters": COUNT,
                          "val_fraction": VAL_FRACTION},
+    },
+    # Robust aggregation of client uploads (task/robust.py) and Byzantine attacks (task/attacks.py).
+    "aggregator": {
+        "mean": {"name": Field(str)},
+        "median": {"name": Field(str)},
+        "trimmed_mean": {"name": Field(str), "beta": Field(float, 0.0, 0.5, high_open=True)},
+        "krum": {"name": Field(str), "byzantine_fraction": Field(float, 0.0, 0.5, high_open=True)},
+        "multi_krum": {"name": Field(str), "byzantine_fraction": Field(float, 0.0, 0.5, high_open=True),
+                       "m": Field(int, 1, nullable=True)},
+        "bulyan": {"name": Field(str), "byzantine_fraction": Field(float, 0.0, 0.25, high_open=True)},
+        "centered_clipping": {"name": Field(str), "tau": POSITIVE, "iterations": COUNT},
+        "threshold_clustering": {"name": Field(str), "quantile": Field(float, 0.0, 1.0, low_open=True,
+                                                                       high_open=True),
+                                 "iterations": COUNT},
+    },
+    "attack": {
+        "none": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True)},
+        "gaussian": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True),
+                     "mean": Field(float), "std": Field(float, 0.0)},
+        "signflip": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True),
+                     "scale": POSITIVE},
+        "labelflip": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True)},
+        "bitflip": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True)},
+        "alie": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True),
+                 "z": Field(float, nullable=True)},
+        "ipm": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True), "eps": POSITIVE},
     },
     "model": {
         "digit_cnn": {"name": Field(str), "width": Field(float, 0.0, 4.0, low_open=True)},

@@ -1,0 +1,368 @@
+"""Federated clustering, robust by threshold clustering (Werner et al., TMLR 2023).
+
+M. Werner, L. He, M. Jordan, M. Jaggi, S. P. Karimireddy. "Provably Personalized and Robust
+Federated Learning". TMLR 2023. https://openreview.net/forum?id=B0uBSSUy0G
+Authors' code: https://github.com/liehe/PRFL (``STC`` in ``*/implementations/thresholding.py``).
+
+Core primitive, threshold clustering (``task.robust.threshold_clustering``):
+
+    TC(v0, {u_j}, tau, R):  v <- v0;  R times:  d_j = ||u_j - v||,
+                            v <- (1/n) sum_j (u_j if d_j <= tau else v)
+    tau = 0.99 * d_(floor(n q))   (the q-quantile of the sorted distances, ``strategy.quantile``)
+
+An update far from v is replaced by v itself, so no single vector pulls v by more than tau/n:
+TC is the robust aggregator, no other is used (``strategy.aggregate=aggregator`` swaps in the
+configured ``aggregator=`` instead, for comparison).
+
+The authors' code runs TC per client over gradients that every client's model computes on
+every other client's batch, which a federation cannot do. This module is the federated form
+(ALGORITHMS.md):
+
+``strategy=clustered`` (Federated-Clustering). K = ``strategy.num_clusters`` cluster models x_k
+and update centres v_k live on the server; client i is assigned to a_i. Round t:
+
+1. client i in S_t trains x_{a_i} locally (E epochs of SGD with the run's ``momentum``: its
+   update is the sum of the momentum buffers of its local steps times -lr) and uploads
+       u_i = x_i(after) - x_{a_i}
+2. per cluster k, over the updates U_k of the clients that trained x_k this round:
+       v_k <- TC(v_k, U_k, tau, R)        (started at that centre: the previous v_k; in the
+                                           first round the cluster's seed update, see below;
+                                           with the oracle, the coordinate median of U_k, as
+                                           the authors' synthetic code starts TC)
+       x_k <- x_k + v_k
+3. every client that replied is reassigned to the nearest centre:  a_i <- argmin_k ||u_i - v_k||
+4. cluster_ari: the adjusted Rand index of {a_i} against the true cluster ids (Byzantine
+   clients left out), every round.
+
+Initialisation: the authors' ``MultiUpdateServer(init="lazy")`` ("use the worker gradients as
+initialization"). All K models start as the same initial model, so in the first round every
+update is relative to the same point; the K centres are then seeded from those updates
+(``seed_centres``: farthest-first traversal over the "dense" updates, those whose distance to
+their floor(n q / 2)-th nearest neighbour is at most twice the median of that distance, started
+at the dense update farthest from the coordinate-wise median; a lone outlier such as a Gaussian
+attacker is never dense). A client that first replies after the first round trains cluster
+(cid mod K) before it is reassigned by its update.
+
+``strategy.oracle=true``: a_i fixed to the true cluster id (the paper's oracle baseline).
+
+``strategy=clustered_per_client`` (the paper's per-client form, made federated): client i
+keeps its personal model x_i (personal state) and uploads u_i = x_i(after) - x_i(before); the
+server runs TC started at each client's own update over all updates of the round,
+    g_i = TC(u_i, {u_j : j in S_t}, tau, R),
+and sends each client its own g_i (the ``train.personalize`` phase): x_i <- x_i(before) + g_i.
+Its cluster_ari groups clients by the connected components of "j was kept in i's TC".
+
+Differences from the authors' code, on purpose: updates are whole local rounds (E epochs)
+instead of single momentum vectors of one batch, and the momentum is the local optimiser's
+(``momentum``) instead of a server-side m_i <- beta m_i + v_i after clustering.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from task import robust
+from task.cluster_metrics import cluster_ari
+from task.config import COUNT, Field, register_strategy_schema
+from task.params import StateDict, model_state, subtract
+
+from .base import PFLStrategy, TrainReply, array_spec
+from .client_base import ClientMethod, TrainResult
+
+QUANTILE = Field(float, 0.0, 1.0, low_open=True, high_open=True)
+register_strategy_schema("clustered", {
+    "num_clusters": COUNT, "quantile": QUANTILE, "tc_iterations": COUNT, "oracle": Field(bool),
+    "tc_over": Field(str, choices=("assigned", "all")), "aggregate": Field(str, choices=("tc", "aggregator")),
+})
+register_strategy_schema("clustered_per_client", {"quantile": QUANTILE, "tc_iterations": COUNT})
+
+
+def float_entries(state: StateDict) -> StateDict:
+    """The floating entries of a state dict (an update has no integer counters)."""
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+# --- pure steps ---------------------------------------------------------------------------
+def pairwise_distances(X: torch.Tensor) -> torch.Tensor:
+    """||x_i - x_j|| for the rows of X, in float64."""
+    X = X.to(torch.float64)
+    return torch.cdist(X, X)
+
+
+def seed_centres(X: torch.Tensor, k: int, quantile: float) -> list[int]:
+    """Row indices of K seed updates: farthest-first over the dense rows (see the module doc).
+
+    A row is dense where its distance to its m-th nearest other row, m = max(1, floor(n q / 2)),
+    is at most twice the median of that distance over all rows: a lone outlier, or a group of
+    fewer than m + 1 like uploads, is not (half the q-share of the population that TC assumes
+    of a cluster, so that an honest cluster that lost some clients to Byzantine ones stays dense).
+    """
+    n = len(X)
+    if n <= k:
+        return list(range(n))
+    D = pairwise_distances(X)
+    m = min(n - 1, max(1, int(n * quantile / 2)))
+    radius = torch.sort(D, dim=1).values[:, m]  # column 0 is the row itself
+    dense = [i for i in range(n) if radius[i] <= 2 * radius.median()]
+    centre = robust.median(X).value.to(torch.float64)
+    from_median = (X.to(torch.float64) - centre).norm(dim=1)
+    seeds = [max(dense, key=lambda i: float(from_median[i]))]
+    while len(seeds) < k:
+        nearest = D[:, seeds].min(dim=1).values
+        candidates = [i for i in dense if i not in seeds] or [i for i in range(n) if i not in seeds]
+        seeds.append(max(candidates, key=lambda i: float(nearest[i])))
+    return seeds
+
+
+def nearest_centre(X: torch.Tensor, centres: torch.Tensor) -> list[int]:
+    """For each row of X, the index of the nearest row of ``centres``."""
+    return torch.cdist(X.to(torch.float64), centres.to(torch.float64)).argmin(dim=1).tolist()
+
+
+def tc_groups(X: torch.Tensor, quantile: float, iterations: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Per-client TC: row i's aggregate TC(x_i, X) and, for each i, the rows kept in its last
+    iteration (tau from the distances to the current v, as ``task.robust.threshold_clustering``)."""
+    out, kept = [], []
+    for i in range(len(X)):
+        v = X[i].clone()
+        keep = torch.ones(len(X), dtype=torch.bool)
+        for _ in range(iterations):
+            d = (X - v).norm(dim=1)
+            keep = d <= robust.tc_radius(d, quantile)
+            v = torch.where(keep[:, None], X, v).mean(0)
+        out.append(v)
+        kept.append([j for j in range(len(X)) if bool(keep[j])])
+    return torch.stack(out), kept
+
+
+def components(kept: list[list[int]]) -> list[int]:
+    """Connected components of the undirected graph i -- j for j in kept[i] (component ids)."""
+    parent = list(range(len(kept)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, js in enumerate(kept):
+        for j in js:
+            parent[root(i)] = root(j)
+    return [root(i) for i in range(len(kept))]
+
+
+# --- Federated-Clustering -------------------------------------------------------------------
+class Clustered(PFLStrategy):
+    """Server half: K cluster models and update centres, per-cluster TC, reassignment."""
+
+    name = "clustered"
+    has_global_model = False
+    upload_is_update = True
+
+    def __init__(self, cfg, initial_state, partition_sizes):
+        super().__init__(cfg, initial_state, partition_sizes)
+        self.K = int(cfg.strategy.num_clusters)
+        self.models: list[StateDict] = [{k: v.clone() for k, v in initial_state.items()}
+                                        for _ in range(self.K)]
+        self.centres: list[StateDict | None] = [None] * self.K
+        self.assignment: dict[int, int] = {}
+        self.started = False  # False until the first aggregation: all K models still identical
+        self._trained_on: dict[int, int] = {}
+        self._ari: float | None = None
+
+    # --- assignment --------------------------------------------------------------------
+    def cluster_of(self, cid: int) -> int:
+        """a_i: the true cluster (oracle), the current assignment, or (cid mod K) before one."""
+        if bool(self.cfg.strategy.oracle):
+            if not self.client_groups:
+                raise RuntimeError("strategy.oracle=true needs the clients' true clusters (client_groups)")
+            return int(self.client_groups[cid]) % self.K
+        return self.assignment.get(cid, cid % self.K)
+
+    def train_arrays(self, cid, server_round):
+        self._trained_on[cid] = self.cluster_of(cid)
+        return self.models[self._trained_on[cid]]
+
+    def expected_upload(self, cid, sent):
+        return array_spec(float_entries(sent))
+
+    def eval_arrays(self, cid):
+        return self.models[self.cluster_of(cid)]
+
+    def upload_reference(self, reply):
+        return None
+
+    # --- aggregation -------------------------------------------------------------------
+    def aggregate_replies(self, server_round, replies):
+        keys = list(float_entries(self.models[0]))
+        X = torch.stack([robust.flatten(r.arrays, keys) for r in replies])
+        trained = [self._trained_on[r.cid] for r in replies]
+        oracle = bool(self.cfg.strategy.oracle)
+        starts: dict[int, torch.Tensor] = {}
+        if not self.started and not oracle:
+            # All K models are the same: group the first updates around K seed updates, where
+            # each cluster's TC then starts.
+            seeds = seed_centres(X, self.K, float(self.cfg.strategy.quantile))
+            trained = nearest_centre(X, X[seeds])
+            starts = {k: X[i] for k, i in enumerate(seeds)}
+        self.started = True
+        centres = self.update_centres(X, trained, replies, keys, starts)
+        if oracle:
+            self.assignment.update({r.cid: self.cluster_of(r.cid) for r in replies})
+        elif centres:
+            ids = sorted(centres)
+            nearest = nearest_centre(X, torch.stack([centres[k] for k in ids]))
+            for reply, j in zip(replies, nearest, strict=True):
+                self.assignment[reply.cid] = ids[j]
+        self._ari = self.current_ari([r.cid for r in replies])
+
+    def update_centres(self, X: torch.Tensor, trained: list[int], replies: list[TrainReply],
+                       keys: list[str], starts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """v_k <- TC(v_k, U_k) and x_k <- x_k + v_k for every cluster with updates; all centres.
+
+        TC starts at the previous v_k, else at ``starts[k]`` (the seed update), else at the
+        coordinate median of U_k."""
+        centres = {k: robust.flatten(c, keys) for k, c in enumerate(self.centres) if c is not None}
+        centres = {**starts, **centres}
+        for k in sorted(set(trained)):
+            rows = [i for i, t in enumerate(trained) if t == k]
+            v = self.cluster_update(X, rows, centres.get(k), [replies[i] for i in rows])
+            centres[k] = v
+            self.centres[k] = robust.unflatten(v, self.models[k], keys)
+            self.models[k] = {**self.models[k], **{key: self.models[k][key] + value for key, value
+                                                   in self.centres[k].items()}}
+        return centres
+
+    def cluster_update(self, X: torch.Tensor, rows: list[int], start: torch.Tensor | None,
+                       replies: list[TrainReply]) -> torch.Tensor:
+        """TC over the cluster's updates (or all updates, ``tc_over=all``), from ``start``."""
+        group = X[rows]
+        if self.cfg.strategy.aggregate == "aggregator":
+            merged = self.aggregate([{"u": row} for row in group], [r.num_examples for r in replies],
+                                    center=None if start is None else {"u": start})
+            return merged["u"]
+        pool = X if self.cfg.strategy.tc_over == "all" else group
+        v0 = robust.median(group).value if start is None else start
+        result = robust.threshold_clustering(pool, v0, float(self.cfg.strategy.quantile),
+                                             int(self.cfg.strategy.tc_iterations))
+        self.stats.discarded += result.discarded
+        return result.value
+
+    def current_ari(self, replied: list[int]) -> float | None:
+        if not self.client_groups:
+            return None
+        if bool(self.cfg.strategy.oracle):
+            current = {c: self.cluster_of(c) for c in replied}
+        else:
+            current = self.assignment
+        return cluster_ari(current, self.client_groups, self.excluded_clients)
+
+    def round_metrics(self, server_round):
+        sizes = [0] * self.K
+        for cid, k in self.assignment.items():
+            if cid not in self.excluded_clients:
+                sizes[k] += 1
+        return {"cluster_ari": self._ari, "cluster_sizes": sizes}
+
+    # --- checkpoint ----------------------------------------------------------------------
+    def state_arrays(self):
+        arrays = {**super().state_arrays(), **{f"cluster{k}": m for k, m in enumerate(self.models)}}
+        arrays.update({f"centre{k}": c for k, c in enumerate(self.centres) if c is not None})
+        return arrays
+
+    def state_scalars(self):
+        return {**super().state_scalars(), "assignment": {str(c): k for c, k in self.assignment.items()},
+                "started": self.started}
+
+    def load_state(self, arrays, scalars):
+        super().load_state(arrays, scalars)
+        self.models = [arrays[f"cluster{k}"] for k in range(self.K)]
+        self.centres = [arrays.get(f"centre{k}") for k in range(self.K)]
+        self.assignment = {int(c): int(k) for c, k in scalars.get("assignment", {}).items()}
+        self.started = bool(scalars.get("started", False))
+
+
+class ClusteredClient(ClientMethod):
+    """Client half: train the received cluster model, upload the update, score that model."""
+
+    name = "clustered"
+
+    def train(self, received, config):
+        model = self.model("main", received)
+        loss = self.fit(model, int(config["server-round"]))
+        update = subtract(float_entries(model_state(model)), float_entries(received))
+        return TrainResult(update, self.data.num_train, {"train_loss": loss})
+
+    def evaluate(self, received, config):
+        return self.report(self.model("main", received))
+
+
+# --- the per-client form ----------------------------------------------------------------------
+class ClusteredPerClient(PFLStrategy):
+    """Server half: g_i = TC(u_i, all updates) for every client that replied, sent back to it."""
+
+    name = "clustered_per_client"
+    has_global_model = False
+    upload_is_update = True
+
+    def __init__(self, cfg, initial_state, partition_sizes):
+        super().__init__(cfg, initial_state, partition_sizes)
+        self.estimates: dict[int, StateDict] = {}
+        self._ari: float | None = None
+
+    def train_arrays(self, cid, server_round):
+        return {}  # the client trains its own model
+
+    def expected_upload(self, cid, sent):
+        return array_spec(float_entries(self.global_state))
+
+    def aggregate_replies(self, server_round, replies):
+        keys = list(float_entries(self.global_state))
+        X = torch.stack([robust.flatten(r.arrays, keys) for r in replies])
+        G, kept = tc_groups(X, float(self.cfg.strategy.quantile), int(self.cfg.strategy.tc_iterations))
+        self.stats.discarded += sum(len(replies) - len(k) for k in kept)
+        self.estimates = {r.cid: robust.unflatten(g, self.global_state, keys)
+                          for r, g in zip(replies, G, strict=True)}
+        labels = components(kept)
+        if self.client_groups:
+            self._ari = cluster_ari({r.cid: lab for r, lab in zip(replies, labels, strict=True)},
+                                    self.client_groups, self.excluded_clients)
+
+    def personalize_arrays(self, cid, server_round):
+        return self.estimates.get(cid)
+
+    def eval_arrays(self, cid):
+        return {}
+
+    def round_metrics(self, server_round):
+        return {"cluster_ari": self._ari}
+
+
+class ClusteredPerClientClient(ClientMethod):
+    """Client half: train x_i, upload its update, then x_i <- x_i(before) + g_i."""
+
+    name = "clustered_per_client"
+
+    def personal_model(self):
+        return self.model("main", self.state.load("personal"))
+
+    def train(self, received, config):
+        model = self.personal_model()
+        before = model_state(model)
+        loss = self.fit(model, int(config["server-round"]))
+        update = subtract(float_entries(model_state(model)), float_entries(before))
+        if self.state.load("personal") is None:
+            self.state.save("personal", before)  # x_i moves only by the server's g_i
+        return TrainResult(update, self.data.num_train, {"train_loss": loss})
+
+    def personalize(self, received, config) -> dict[str, Any]:
+        before = self.state.load("personal") or model_state(self.personal_model())
+        self.state.save("personal", {k: (v + received[k].to(v)) if k in received else v
+                                     for k, v in before.items()})
+        return {"update_norm": float(np.sqrt(sum(float((g ** 2).sum()) for g in received.values())))}
+
+    def evaluate(self, received, config):
+        return self.report(self.personal_model())

@@ -1,0 +1,74 @@
+"""Byzantine attacks, as pure functions of updates (flat vectors) and labels.
+
+An *update* is what a client's training changed: the uploaded model minus the model it was
+sent (for methods that upload models: FedAvg, FedProx, FedBN, Ditto's global model, IFCA), or
+the upload itself (methods that upload updates: LG-Mix, clustered). ``PFLStrategy`` turns a
+malicious update back into an upload of the method's kind.
+
+Where each attack runs (the threat model, see docs/clustered.md):
+
+- on the Byzantine ClientApp, travelling over the network like any reply:
+  ``gaussian`` (the update replaced by N(mean, std^2) per coordinate, 1e6 and 200 as in
+  Werner et al.'s code), ``signflip`` (-scale times its own update), ``labelflip`` (trains on
+  labels y -> C - 1 - y);
+- by the server-side omniscient adversary (``PFLStrategy.byzantine_adversary``), which sees
+  every honest update of the round before aggregation, a simulation of colluding attackers
+  who know what the honest clients send: ``bitflip`` (minus an honest update: each Byzantine
+  client negates a seeded randomly chosen honest client's update), ``alie`` ("A Little Is
+  Enough", Baruch et al. 2019: mu - z sigma, coordinate-wise mean and standard deviation of
+  the honest updates), ``ipm`` (inner-product manipulation, Xie et al. 2020: -eps mu).
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import torch
+
+CLIENT_ATTACKS = ("gaussian", "signflip", "labelflip")
+SERVER_ATTACKS = ("bitflip", "alie", "ipm")
+ATTACKS = ("none", *CLIENT_ATTACKS, *SERVER_ATTACKS)
+
+
+def gaussian(like: torch.Tensor, gen: torch.Generator, mean: float = 1e6, std: float = 200.0) -> torch.Tensor:
+    """An update of ``like``'s shape drawn from N(mean, std^2) per coordinate."""
+    noise = torch.randn(like.shape, generator=gen, dtype=torch.float64)
+    return (noise * std + mean).to(like.dtype)
+
+
+def signflip(update: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """-scale * the client's own update."""
+    return -scale * update
+
+
+def labelflip(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels y -> C - 1 - y (every label changes when C is even)."""
+    return num_classes - 1 - labels
+
+
+def bitflip(honest_update: torch.Tensor) -> torch.Tensor:
+    """Minus an honest client's update."""
+    return -honest_update
+
+
+def alie_z(num_clients: int, num_byzantine: int) -> float:
+    """Baruch et al.'s z_max: s = floor(n/2 + 1) - b, z = Phi^-1((n - s) / n)."""
+    s = math.floor(num_clients / 2 + 1) - num_byzantine
+    p = (num_clients - s) / num_clients
+    return NormalDist().inv_cdf(min(max(p, 1e-6), 1 - 1e-6))
+
+
+def alie(honest_updates: torch.Tensor, num_byzantine: int, z: float | None = None) -> torch.Tensor:
+    """mu - z sigma over the honest updates (rows); z = ``alie_z(n, b)`` if None, with n the
+    number of all clients in the round (honest and Byzantine)."""
+    n = len(honest_updates) + num_byzantine
+    z = alie_z(n, num_byzantine) if z is None else z
+    mu = honest_updates.mean(0)
+    sigma = honest_updates.std(0, unbiased=False)
+    return mu - z * sigma
+
+
+def ipm(honest_updates: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
+    """-eps times the mean of the honest updates (rows)."""
+    return -eps * honest_updates.mean(0)
