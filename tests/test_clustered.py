@@ -185,3 +185,15 @@ def test_per_client_variant_applies_its_own_aggregate():
     client(cfg, 0, context=context, after=True).personalize(g, {"server-round": 1})
     personal = client(cfg, 0, context=context, server_round=2).state.load("personal")
     assert all(torch.allclose(personal[k], before[k] + g[k]) for k in g)
+
+
+def test_prfl_mnist_preset_is_the_papers_table_1_setup():
+    cfg = compose_config("+experiment=prfl_mnist")
+    assert cfg.strategy.name == "clustered" and cfg.strategy.num_clusters == 4
+    assert cfg.partition.name == "relabel" and cfg.partition.num_clients == 300
+    assert cfg.partition.num_clusters == 4
+    assert cfg.model.name == "mlp" and cfg.model.hidden == 200
+    assert (cfg.lr, cfg.momentum, cfg.batch_size) == (0.1, 0.9, 32)
+    assert cfg.attack.name == "none"
+    attacked = compose_config("+experiment=prfl_mnist attack=gaussian")
+    assert attacked.attack.name == "gaussian" and attacked.attack.fraction == 0.2
