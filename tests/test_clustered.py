@@ -197,3 +197,15 @@ def test_prfl_mnist_preset_is_the_papers_table_1_setup():
     assert cfg.attack.name == "none"
     attacked = compose_config("+experiment=prfl_mnist attack=gaussian")
     assert attacked.attack.name == "gaussian" and attacked.attack.fraction == 0.2
+
+
+def test_reassignment_votes_need_two_agreeing_rounds_to_move_a_client():
+    _, st = _clustered_server()  # assign_momentum 0.5
+    st.assignment[5] = st.vote(5, 1, first=True)
+    assert st.assignment[5] == 1
+    st.assignment[5] = st.vote(5, 0, first=False)
+    assert st.assignment[5] == 1  # one round nearer cluster 0: a tie, a_i stays
+    assert st.vote(5, 0, first=False) == 0  # the second agreeing round moves it
+    _, hard = _clustered_server("strategy.assign_momentum=0.0")
+    hard.assignment[5] = hard.vote(5, 1, first=True)
+    assert hard.vote(5, 0, first=False) == 0
