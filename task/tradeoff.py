@@ -119,6 +119,7 @@ def plot(rows: list[dict], path: Path, target: float | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for row in rows:
@@ -132,6 +133,7 @@ def plot(rows: list[dict], path: Path, target: float | None = None) -> Path:
             ax.axhline(target, color="k", linestyle="--", linewidth=1)
         ax.set(xlabel=xlabel, ylim=(0, 1))
         ax.grid(alpha=0.3)
+    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_round.set_ylabel("mean personalized accuracy")
     by_round.legend(fontsize=8)
     fig.tight_layout()
