@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from strategies.base import TrainReply
-from strategies.clustered import components, nearest_centre, seed_centres, tc_groups
+from strategies.clustered import components, nearest_centre, seed_centres, tc_groups, typical
 from strategies.ifca import bundle, is_bundle, unbundle
 from task.cluster_metrics import cluster_ari
 from task.config import compose_config
@@ -199,13 +199,13 @@ def test_prfl_mnist_preset_is_the_papers_table_1_setup():
     assert attacked.attack.name == "gaussian" and attacked.attack.fraction == 0.2
 
 
-def test_reassignment_votes_need_two_agreeing_rounds_to_move_a_client():
-    _, st = _clustered_server()  # assign_momentum 0.5
-    st.assignment[5] = st.vote(5, 1, first=True)
-    assert st.assignment[5] == 1
-    st.assignment[5] = st.vote(5, 0, first=False)
-    assert st.assignment[5] == 1  # one round nearer cluster 0: a tie, a_i stays
-    assert st.vote(5, 0, first=False) == 0  # the second agreeing round moves it
-    _, hard = _clustered_server("strategy.assign_momentum=0.0")
-    hard.assignment[5] = hard.vote(5, 1, first=True)
-    assert hard.vote(5, 0, first=False) == 0
+def test_typical_clients_stay_and_atypical_ones_move_to_the_nearest_centre():
+    X, truth = separable(k=2, per=5, d=20)
+    centres = {k: X[[i for i in range(10) if truth[i] == k]].mean(0) for k in range(2)}
+    flags = typical(X, truth, centres, 2.0)
+    assert all(flags)  # every row is typical of its own cluster
+    wrong = [1 - t for t in truth[:1]] + truth[1:]  # row 0 claims to have trained cluster 1
+    assert typical(X, wrong, centres, 2.0)[0] is False
+    _, st = _clustered_server()
+    st.reassign(X, wrong, centres, list(range(10)), first=False)
+    assert [st.assignment[i] for i in range(10)] == truth  # row 0 moved home, the rest stayed
