@@ -64,7 +64,10 @@ def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition of how many this node is (hence which clients it serves)."""
     partition = client_id(context)
     partitions = int(context.node_config.get("num-partitions", 0))
-    metrics = MetricRecord({"partition-id": partition, "num-partitions": partitions})
+    cfg = compose_config(str(context.run_config.get("overrides", "")))
+    on_disk = bool(context.node_config.get("state-dir") or cfg.client_state_dir)
+    metrics = MetricRecord({"partition-id": partition, "num-partitions": partitions,
+                            "state-on-disk": int(on_disk)})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 

@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
 from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from strategies import lookup
 from strategies.base import PFLStrategy
-from task.config import ConfigError, compose_config
+from task.config import compose_config
 from task.data import Federation, load_federation
+from task.door import CHECKPOINT, check_run
 from task.models import build_model
-from task.outputs import RunOutputs, default_output_dir
+from task.outputs import RunOutputs
 from task.partitions import write_partition_report
+from task.runfolder import RunFolder
 
 app = ServerApp()
-CHECKPOINT = "checkpoint.npz"
-# Keys that may differ between a run and its resumption.
-RESUME_FREE_KEYS = ("resume", "output_dir", "num_rounds", "round_timeout", "node_wait_timeout")
 
 
 def progress_line(row: dict, num_rounds: int) -> str:
@@ -56,35 +55,43 @@ def build_strategy(cfg: DictConfig, federation: Federation) -> PFLStrategy:
     return strategy
 
 
-def check_resumable(cfg: DictConfig, directory: Path) -> None:
-    """Refuse to resume a run whose saved config differs from this one (but for free keys)."""
-    if not (directory / CHECKPOINT).exists():
-        raise ConfigError(f"resume={directory}: no {CHECKPOINT} there")
-    saved = OmegaConf.to_container(OmegaConf.load(directory / "config.yaml"), resolve=True)
-    now = OmegaConf.to_container(cfg, resolve=True)
-    diffs = [k for k in sorted(set(saved) | set(now))
-             if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
-    if diffs:
-        raise ConfigError(f"resume={directory}: the config differs from the saved run's in {diffs}; "
-                          "pass the same overrides as the original run, plus resume=<dir>")
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """Check the run at the door, claim its folder, run it; the folder's status says how it ended."""
     started = time.monotonic()
     cfg = compose_config(str(context.run_config.get("overrides", "")))
     federation = load_federation(cfg, torch.device("cpu"))
     strategy = build_strategy(cfg, federation)
+    directory = check_run(cfg, federation, strategy.keeps_client_state)
+    folder = RunFolder(directory)
+    folder.claim(resume=bool(cfg.resume))
+    try:
+        outputs = run(cfg, federation, strategy, grid, directory)
+        results = outputs.write_results(time.monotonic() - started)
+        folder.set_status("completed", rounds=results["num_rounds"])
+    except BaseException as err:
+        folder.set_status("failed", error=f"{type(err).__name__}: {err}")
+        log(ERROR, "pflower: run failed: %s", err)
+        raise
+    finally:
+        folder.release()
+    outputs.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
+    strategy.plot(outputs.rounds(), outputs.dir)
+    for line in outputs.summary_lines(results):
+        log(INFO, "%s", line)
+    log(INFO, "pflower: done in %.1fs; results in %s", results["wall_seconds"], outputs.dir / "results.json")
+
+
+def run(cfg: DictConfig, federation: Federation, strategy: PFLStrategy, grid: Grid,
+        directory: Path) -> RunOutputs:
+    """Start or resume the rounds into ``directory``; raise if no round could aggregate."""
+    outputs = RunOutputs(directory)
     first_round = 1
     if cfg.resume:
-        directory = Path(cfg.resume).expanduser().resolve()
-        check_resumable(cfg, directory)
-        outputs = RunOutputs(directory)
         first_round = strategy.load_checkpoint(directory / CHECKPOINT) + 1
         outputs.truncate_rounds(first_round - 1)
         log(INFO, "pflower: resuming %s after round %s", directory, first_round - 1)
     else:
-        outputs = RunOutputs(default_output_dir(cfg))
         outputs.write_config(cfg)
         write_partition_report(federation, outputs.dir)
     log(INFO, "pflower: %s on %s; outputs in %s", cfg.strategy.name, cfg.dataset.name, outputs.dir)
@@ -95,9 +102,8 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy.start(grid, num_rounds=int(cfg.num_rounds), timeout=float(cfg.round_timeout),
                    first_round=first_round, on_round=on_round, checkpoint=outputs.dir / CHECKPOINT)
-    results = outputs.write_results(time.monotonic() - started)
-    outputs.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
-    strategy.plot(outputs.rounds(), outputs.dir)
-    for line in outputs.summary_lines(results):
-        log(INFO, "%s", line)
-    log(INFO, "pflower: done in %.1fs; results in %s", results["wall_seconds"], outputs.dir / "results.json")
+    if not any(r.get("train_loss") is not None for r in outputs.rounds()):
+        reasons = "; ".join(strategy.stats.reasons[:4]) or "no replies"
+        raise RuntimeError(f"no round aggregated: every round had fewer than min_replies={cfg.min_replies} "
+                           f"valid replies (last round's rejections: {reasons})")
+    return outputs

@@ -170,6 +170,9 @@ class PFLStrategy(Strategy):
     name: ClassVar[str] = ""
     # Whether a single global model exists whose accuracy the clients can report.
     has_global_model: ClassVar[bool] = True
+    # Whether clients keep state between rounds (personal models, BN statistics, duals): a
+    # resume is then refused unless that state was kept on disk (task/door.py).
+    keeps_client_state: ClassVar[bool] = False
     # Whether a client uploads an update (a difference of models: LG-Mix, clustered) rather
     # than its trained model; attacks build a malicious update and send it in that form.
     upload_is_update: ClassVar[bool] = False
@@ -186,6 +189,7 @@ class PFLStrategy(Strategy):
         self._aggregated: list[int] = []
         self._eval_sample: list[int] | None = None
         self._reply_cid: dict[str, int] = {}  # message id -> client it was sent for
+        self.state_on_disk: dict[int, bool] = {}  # client -> its node keeps personal state on disk
         # Clients left out of the personalized-accuracy summary (e.g. the Byzantine ones).
         self.excluded_clients: set[int] = set()
         # Ground-truth domain/cluster of every client and the names of the groups (from the
@@ -328,7 +332,8 @@ class PFLStrategy(Strategy):
     def save_checkpoint(self, path: Path, server_round: int) -> None:
         """Write the whole server state after ``server_round`` atomically to ``path``."""
         meta = {"round": server_round, "rng": self.rng.bit_generator.state,
-                "scalars": self.state_scalars(), "strategy": self.name}
+                "scalars": self.state_scalars(), "strategy": self.name,
+                "client_state_on_disk": bool(self.state_on_disk) and all(self.state_on_disk.values())}
         arrays = {f"{group}/{key}": value.detach().cpu().numpy()
                   for group, state in self.state_arrays().items() for key, value in state.items()}
         arrays[CHECKPOINT_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -390,6 +395,7 @@ class PFLStrategy(Strategy):
             for cid in hosted_clients(partition, partitions, self.num_clients):
                 num_train, num_test = self.partition_sizes[cid]
                 self.clients[cid] = ClientInfo(cid, reply.metadata.src_node_id, num_train, num_test)
+                self.state_on_disk[cid] = bool(m.get("state-on-disk", 0))
 
     def sample(self, server_round: int) -> list[int]:
         """Client ids sampled for training this round (seeded, strategy-independent)."""
@@ -506,6 +512,13 @@ class PFLStrategy(Strategy):
         whole server state written to ``checkpoint`` after every round.
         """
         self.discover(grid, float(self.cfg.node_wait_timeout))
+        if self.keeps_client_state and not all(self.state_on_disk.values()):
+            memory = sorted(c for c, disk in self.state_on_disk.items() if not disk)
+            if first_round > 1:
+                raise RuntimeError(f"clients {memory[:10]} keep their state in memory only: a resumed "
+                                   f"{self.name} run needs the state on disk it was saved to")
+            log(WARNING, "%s keeps per-client state in memory only (no client_state_dir or SuperNode "
+                "state-dir): this run cannot be resumed after a crash", self.name)
         result = Result()
         for server_round in range(first_round, num_rounds + 1):
             evaluate = server_round % int(self.cfg.eval_every) == 0 or server_round == num_rounds

@@ -22,6 +22,7 @@ class Ditto(PFLStrategy):
     """Server half: as FedAvg (the personal models never leave the clients)."""
 
     name = "ditto"
+    keeps_client_state = True
 
 
 class DittoClient(ClientMethod):

@@ -22,6 +22,7 @@ class FedBN(PFLStrategy):
     """Server half: averages and sends only the entries outside BatchNorm layers."""
 
     name = "fedbn"
+    keeps_client_state = True
     has_global_model = False
 
     @classmethod

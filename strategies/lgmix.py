@@ -136,6 +136,7 @@ class LGMix(PFLStrategy):
     """Server half: w_g <- w_g + Dbar; per client the running mean cbar_i of its c_i."""
 
     name = "lgmix"
+    keeps_client_state = True
     upload_is_update = True  # clients upload Delta_i
 
     def __init__(self, cfg, initial_state, partition_sizes):

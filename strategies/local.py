@@ -19,6 +19,7 @@ class Local(PFLStrategy):
     """Server half: sends no arrays, expects none back, keeps no model."""
 
     name = "local"
+    keeps_client_state = True
     has_global_model = False
 
     def train_arrays(self, cid, server_round):

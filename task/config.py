@@ -7,6 +7,8 @@ schema declared here and by each strategy module (``CONFIG_SCHEMA``).
 
 from __future__ import annotations
 
+import math
+import re
 import shlex
 from dataclasses import dataclass
 from functools import lru_cache
@@ -47,7 +49,9 @@ class Field:
         hi = ")" if self.high_open else "]"
         low = "-inf" if self.low is None else self.low
         high = "inf" if self.high is None else self.high
-        return f"{self.kind.__name__} in {lo}{low}, {high}{hi}" + (" or null" if self.nullable else "")
+        finite = "finite " if self.kind is float else ""
+        null = " or null" if self.nullable else ""
+        return f"{finite}{self.kind.__name__} in {lo}{low}, {high}{hi}{null}"
 
     def accepts(self, value: Any) -> bool:
         if value is None:
@@ -58,6 +62,8 @@ class Field:
             value = float(value)
         if not isinstance(value, self.kind) or isinstance(value, bool) != (self.kind is bool):
             return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False  # nan / inf pass every range check and poison every update
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         return not (
@@ -199,6 +205,9 @@ def compose_config(overrides: str = "") -> DictConfig:
 
 def _explain(err: Exception, args: list[str]) -> str:
     text = str(err)
+    unknown = re.search(r"Could not override '(\w+)\.([\w.]+)'", text)
+    if unknown and unknown.group(1) in GROUPS:
+        return _explain_group_key(unknown.group(1), unknown.group(2), args)
     for group in (*GROUPS, PRESETS):
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         if f"'{group}/" in text or f"'{group}'" in text:
@@ -206,6 +215,18 @@ def _explain(err: Exception, args: list[str]) -> str:
     top = ", ".join(sorted(TOP_SCHEMA)) + ", " + ", ".join(GROUPS)
     return (f"{text}\nOverrides given: {args}\nValid top-level keys: {top}; "
             f"presets: +{PRESETS}=<{'|'.join(available_presets())}>")
+
+
+def _explain_group_key(group: str, key: str, args: list[str]) -> str:
+    """An unknown key of a config group, answered with that group's own keys."""
+    rest = [a for a in args if not a.split("=", 1)[0].lstrip("+~").startswith(f"{group}.")]
+    try:
+        option = str(compose_config(" ".join(shlex.quote(a) for a in rest))[group].name)
+    except ConfigError:
+        option = next((a.split("=", 1)[1] for a in args if a.startswith(f"{group}=")), "?")
+    keys = sorted(k for k in GROUP_SCHEMAS.get(group, {}).get(option, {}) if k != "name")
+    valid = ", ".join(keys) if keys else "none besides name"
+    return f"unknown key {group}.{key} for {group}={option}; its keys: {valid}"
 
 
 def available_presets() -> list[str]:

@@ -1,29 +1,45 @@
-"""``pflower-sim``: run a pflower job in Flower simulation with the right federation size.
+"""``pflower-sim``: run a pflower job in Flower simulation, and exit with how it ended.
 
-    pflower-sim "strategy=ditto num_rounds=5 strategy.lam=0.5"
+    pflower-sim strategy=ditto num_rounds=5 strategy.lam=0.5
 
-composes the config with those overrides (so a bad override fails here, before anything
-starts), counts the clients of the configured federation and runs
+1. The door (``task/door.py``): composes the config with those overrides, loads the data,
+   builds the model on one sample, and checks the output folder (one run per folder, not
+   locked) and a resume; any problem is a message and exit status 2, before Flower starts.
+2. Starts the run with the plain Flower command (printed; ``--dry-run`` prints only):
 
-    flwr run . --stream --run-config 'overrides="..."' \
-        --federation-config "num-supernodes=<clients> client-resources-num-cpus=1 ..."
+       flwr run . --stream --run-config 'overrides="..."' \
+           --federation-config "num-supernodes=<clients> client-resources-num-cpus=1 ..."
 
-with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: the local SuperLink uses the
-current environment instead of building a fresh one with ``uv sync`` for every run.
+   (submitted with ``--format json`` to learn the run id, its log followed with ``flwr log``),
+   with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: the local SuperLink uses the
+   current environment instead of building one with ``uv sync`` for every run.
+3. Reads the run's final status from the SuperLink (``flwr ls``): exit 0 when it completed,
+   1 when it failed (the failure's message last), 130 / 143 when stopped by Ctrl-C / SIGTERM.
+   Ctrl-C (or SIGTERM) stops the Flower run (``flwr stop``) and waits for it, so nothing goes
+   on in the background and the folder is left unlocked and resumable; a second Ctrl-C quits
+   at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from task.config import ConfigError, compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
+POLL_S = 1.0
+STOP_WAIT_S = 120.0
+HOLDER_EXIT_S = 60.0
+OVERRIDE = re.compile(r"^[+~]{0,2}[\w./@-]+=")
 
 
 def num_clients(overrides: str) -> int:
@@ -33,7 +49,30 @@ def num_clients(overrides: str) -> int:
     return len(build_federation(compose_config(overrides)).clients)
 
 
+def split_arguments(args: list[str]) -> list[str]:
+    """Command-line arguments as single overrides.
+
+    One argument holding several overrides (``"num_rounds=3 lr=0.1"``, as a shell user may
+    quote them) is split into them; an argument that is one override with spaces in its value
+    (``output_dir="my runs/a"``) stays whole.
+    """
+    parts = []
+    for arg in args:
+        pieces = shlex.split(arg) if " " in arg else [arg]
+        if len(pieces) > 1 and all(OVERRIDE.match(p) for p in pieces):
+            parts += pieces
+        else:
+            parts.append(arg)
+    return parts
+
+
+def join_overrides(args: list[str]) -> str:
+    """The overrides string for Hydra from command-line arguments (see ``split_arguments``)."""
+    return " ".join(shlex.quote(p) if " " in p else p for p in split_arguments(args))
+
+
 def flwr_command(overrides: str, clients: int, cpus: int, gpus: float) -> list[str]:
+    """The plain Flower command for the run (what a user can type)."""
     run_config = f"overrides={_toml_string(overrides)}"
     federation = (f"num-supernodes={clients} client-resources-num-cpus={cpus} "
                   f"client-resources-num-gpus={gpus}")
@@ -45,18 +84,151 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def pin_output_dir(overrides: str) -> str:
+    """With no ``output_dir`` (and no resume), name the default folder now, so that the folder
+    checked here and reported is the one the ServerApp writes (``outputs/<time>-...`` here)."""
+    from task.outputs import default_output_dir
+
+    cfg = compose_config(overrides)
+    if cfg.output_dir or cfg.resume:
+        return overrides
+    return f"{overrides} output_dir={shlex.quote(str(default_output_dir(cfg)))}".strip()
+
+
+def door(overrides: str) -> tuple[int, Path]:
+    """Every check that can run before Flower starts: (clients, output folder), or an error."""
+    from strategies import lookup
+    from task.data import build_federation
+    from task.door import check_run
+
+    cfg = compose_config(overrides)
+    federation = build_federation(cfg)
+    server_cls, _ = lookup(cfg.strategy.name)
+    directory = check_run(cfg, federation, server_cls.keeps_client_state)
+    return len(federation.clients), directory
+
+
+class FlowerRun:
+    """One submitted Flower run: its log followed, its status polled, stopped on a signal."""
+
+    def __init__(self, command: list[str], directory: Path, env: dict[str, str]):
+        self.command, self.directory, self.env = command, directory, env
+        self.run_id: str | None = None
+        self.signal: int | None = None
+        self.log_proc: subprocess.Popen | None = None
+
+    def submit(self) -> str | None:
+        """Submit the run; its id, or None (Flower's own message printed)."""
+        command = [c for c in self.command if c != "--stream"] + ["--format", "json"]
+        proc = subprocess.run(command, env=self.env, capture_output=True, text=True)
+        try:
+            reply = json.loads(proc.stdout[proc.stdout.index("{"):])
+        except ValueError:
+            reply = {}
+        if proc.returncode != 0 or not reply.get("success"):
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+            return None
+        self.run_id = str(reply["run-id"])
+        print(f"pflower-sim: run {self.run_id} started; outputs in {self.directory}", flush=True)
+        return self.run_id
+
+    def status(self) -> dict:
+        """The run's record on the SuperLink (``flwr ls``); {} if it cannot be read now."""
+        proc = subprocess.run(["flwr", "ls", "--run-id", str(self.run_id), "--format", "json"],
+                              env=self.env, capture_output=True, text=True)
+        try:
+            runs = json.loads(proc.stdout[proc.stdout.index("{"):]).get("runs", [])
+        except ValueError:
+            return {}
+        return runs[0] if runs else {}
+
+    def follow(self) -> dict:
+        """Stream the run's log until the SuperLink says it finished; return its record."""
+        self.log_proc = subprocess.Popen(["flwr", "log", str(self.run_id), "--stream"], env=self.env)
+        stop_sent = None
+        record: dict = {}
+        while True:
+            record = self.status() or record
+            if str(record.get("status", "")).startswith("finished"):
+                break
+            if self.signal is not None and stop_sent is None:
+                print(f"\npflower-sim: stopping run {self.run_id} (flwr stop); Ctrl-C again to quit at once",
+                      file=sys.stderr, flush=True)
+                subprocess.run(["flwr", "stop", str(self.run_id)], env=self.env, capture_output=True)
+                stop_sent = time.monotonic()
+            if stop_sent is not None and time.monotonic() - stop_sent > STOP_WAIT_S:
+                print(f"pflower-sim: run {self.run_id} did not stop within {STOP_WAIT_S:.0f}s",
+                      file=sys.stderr)
+                break
+            time.sleep(POLL_S)
+        self._end_log()
+        return record
+
+    def _end_log(self) -> None:
+        if self.log_proc is None:
+            return
+        try:
+            self.log_proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.log_proc.terminate()
+            self.log_proc.wait(timeout=10)
+
+    def on_signal(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self.signal is not None:  # the second one: quit at once
+            if self.log_proc is not None:
+                self.log_proc.kill()
+            os._exit(128 + signum)
+        self.signal = signum
+
+
+def wait_for_holder(directory: Path, timeout: float) -> None:
+    """Wait until the process holding the folder's lock (the ServerApp) has exited: after
+    ``flwr stop`` the SuperLink reports the run stopped before its process is gone."""
+    from task.runfolder import holder_alive, read_lock
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        holder = read_lock(directory)
+        if holder is None or not holder_alive(holder):
+            return
+        time.sleep(0.2)
+    print(f"pflower-sim: the run's process still holds {directory}", file=sys.stderr)
+
+
+def outcome(record: dict, directory: Path, signum: int | None) -> int:
+    """The exit status for the run's final record, with the failure's message printed last."""
+    from task.runfolder import read_status, release_dead_lock
+
+    wait_for_holder(directory, HOLDER_EXIT_S)
+    release_dead_lock(directory)
+    status = str(record.get("status", "unknown"))
+    folder = read_status(directory) or {}
+    if signum is not None:
+        print(f"pflower-sim: run stopped ({status}); resume it with the same overrides plus "
+              f"resume={directory}", file=sys.stderr)
+        return 128 + signum
+    if status == "finished:completed" and folder.get("status") == "completed":
+        print(f"pflower-sim: run completed; results in {directory / 'results.json'}")
+        return 0
+    error = folder.get("error") or record.get("status-details") or "see the log above"
+    print(f"pflower-sim: run failed ({status}): {error}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pflower-sim", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=ditto num_rounds=5")
     parser.add_argument("--cpus", type=int, default=1, help="CPUs per ClientApp (default 1)")
     parser.add_argument("--gpus", type=float, default=None,
                         help="GPU fraction per ClientApp (default: 0.2 when CUDA is present, else 0)")
-    parser.add_argument("--dry-run", action="store_true", help="print the flwr command only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything; print the flwr command only")
     args = parser.parse_args(argv)
-    overrides = " ".join(shlex.quote(o) if " " in o else o for o in args.overrides)
+    overrides = join_overrides(args.overrides)
     try:
-        clients = num_clients(overrides)
-    except (ConfigError, ValueError) as err:
+        overrides = pin_output_dir(overrides)
+        clients, directory = door(overrides)
+    except (ConfigError, ValueError, OSError, KeyError, RuntimeError) as err:
         print(f"pflower-sim: {err}", file=sys.stderr)
         return 2
     gpus = args.gpus
@@ -69,7 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    return subprocess.call(command, env=env)
+    run = FlowerRun(command, directory, env)
+    previous = {s: signal.signal(s, run.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if run.submit() is None:
+            return 1
+        record = run.follow()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return outcome(record, directory, run.signal)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from datetime import datetime
+from logging import WARNING
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -85,14 +86,32 @@ class RunOutputs:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(jsonable(row)) + "\n")
 
-    def rounds(self) -> list[dict]:
+    def rounds(self, drop_torn_tail: bool = False) -> list[dict]:
+        """The rows of metrics.jsonl. A line that is not JSON is an error naming the file and
+        line, except a torn last line (a crash mid-write) when ``drop_torn_tail``."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        lines = self.metrics_path.read_text().splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as err:
+                if drop_torn_tail and number == len(lines):
+                    from flwr.common import log
+
+                    log(WARNING, "pflower: dropping the torn last line %s of %s (a crash mid-write)",
+                        number, self.metrics_path)
+                    break
+                raise ValueError(f"{self.metrics_path}, line {number}: not a JSON row ({err})") from None
+        return rows
 
     def truncate_rounds(self, last_round: int) -> None:
-        """Keep only rounds <= ``last_round`` (used when resuming from a checkpoint)."""
-        kept = [r for r in self.rounds() if r["round"] <= last_round]
+        """Keep only rounds <= ``last_round`` (used when resuming from a checkpoint); a torn
+        last line is dropped with a log line."""
+        kept = [r for r in self.rounds(drop_torn_tail=True) if r["round"] <= last_round]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write_json(self, name: str, payload: dict) -> None:

@@ -80,6 +80,10 @@ class MissingDataError(FileNotFoundError):
     """A dataset's files are not in the data root and could not be downloaded."""
 
 
+class DataFileError(ValueError):
+    """A dataset file that is there but cannot be used (truncated, malformed): names the file."""
+
+
 def to_float_images(images: np.ndarray | torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) as float (N, C, H, W) in [-1, 1]."""
     x = torch.as_tensor(np.asarray(images))
@@ -119,8 +123,12 @@ def _unpack_gz(raw: Path) -> None:
     for gz in raw.glob("*.gz"):
         target = gz.with_suffix("")
         if not target.exists():
-            with gzip.open(gz, "rb") as src:
-                atomic_write(target, lambda dst, src=src: shutil.copyfileobj(src, dst))
+            try:
+                with gzip.open(gz, "rb") as src:
+                    atomic_write(target, lambda dst, src=src: shutil.copyfileobj(src, dst))
+            except (EOFError, OSError) as err:  # gzip.BadGzipFile is an OSError
+                raise DataFileError(f"{gz} cannot be unpacked ({type(err).__name__}: {err}): the file is "
+                                    "truncated or not gzip; replace it") from None
 
 
 def _relaxed(cls: type) -> type:
@@ -147,7 +155,14 @@ def _load_torchvision(name: str, directory: Path, files: list[str], make: Callab
     """
     if all(_present(directory, f) for f in files):
         local = _relaxed(cls)
-        return make(local, True, False), make(local, False, False)
+        try:
+            return make(local, True, False), make(local, False, False)
+        except (DataFileError, MissingDataError):
+            raise
+        except Exception as err:  # noqa: BLE001 - each torchvision reader raises its own
+            raise DataFileError(f"dataset={name}: the files in {directory} cannot be read "
+                                f"({type(err).__name__}: {err}); one of {files} is truncated or "
+                                "malformed") from None
     if not download:
         raise _missing(name, directory, files, None)
     try:
@@ -222,9 +237,26 @@ def load_usps(root: Path, download: bool) -> Source:
 
 
 def _read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One FedBN pickle: (images uint8 (N, H, W[, C]), labels). A local file, never from the network."""
-    images, labels = np.load(path, allow_pickle=True)
-    return np.asarray(images), np.asarray(labels)
+    """One FedBN pickle: (images uint8 (N, H, W[, C]), labels). A local file, never from the network.
+
+    Checked here, naming the file: a readable pair, images of rank 3 (grey) or 4 (RGB, channels
+    last), as many labels as images, integer labels in 0..9.
+    """
+    try:
+        images, labels = np.load(path, allow_pickle=True)
+        images, labels = np.asarray(images), np.asarray(labels).reshape(-1)
+    except Exception as err:  # noqa: BLE001 - truncated pickle, wrong structure, ...
+        raise DataFileError(f"{path} cannot be read as FedBN's (images, labels) pickle "
+                            f"({type(err).__name__}: {err})") from None
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise DataFileError(f"{path}: images of shape {images.shape}; expected (N, H, W) or (N, H, W, 3)")
+    if len(images) != len(labels):
+        raise DataFileError(f"{path}: {len(images)} images but {len(labels)} labels")
+    if len(labels) and (not np.issubdtype(labels.dtype, np.number) or not np.all(labels == np.round(labels))
+                        or labels.min() < 0 or labels.max() > 9):
+        raise DataFileError(f"{path}: labels must be integers 0..9 (digits); found "
+                            f"{np.unique(labels)[:10].tolist()}")
+    return images, labels
 
 
 DIGITS5_DEFAULT_PERCENT = {"fedbn": 0.1, "lgmix": 1.0}

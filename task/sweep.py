@@ -10,7 +10,10 @@ combination of the swept keys other than ``seed``: final mean personalized accur
 client, the best round by mean validation accuracy (never by test accuracy) with its test
 accuracy, global accuracy, bytes, wall time, as mean ± std over seeds) and
 ``summary.png`` (mean personalized accuracy per round, one line per row) are written.
-A job whose output already has ``results.json`` is not run again, so a sweep can be resumed.
+A job whose run completed (its folder's ``status.json``) is not run again, and an interrupted
+one is resumed from its checkpoint (``resume=``), never appended to, so running the same
+command again finishes a sweep. Failed jobs are left out of the summary and make the command
+exit 1; Ctrl-C stops the running job (and the sweep) with exit 130.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ import itertools
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 
 from task import launch
 from task.outputs import select_best_round
+from task.runfolder import read_lock, read_status
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -43,8 +49,9 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 
 def job_name(combo: list[str]) -> str:
-    """A directory name for one job: its overrides with unsafe characters replaced."""
-    name = "_".join(combo) or "default"
+    """A directory name for one job: its overrides with unsafe characters replaced ('+' spelled
+    out, so that lr=1e+30 and lr=1e-30 get folders of their own)."""
+    name = "_".join(combo).replace("+", "plus") or "default"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
@@ -53,26 +60,55 @@ def group_key(combo: list[str]) -> str:
     return " ".join(o for o in combo if not o.startswith("seed=")) or "default"
 
 
-def run_jobs(combos: list[list[str]], out: Path) -> dict[str, list[Path]]:
+def completed(job_dir: Path) -> bool:
+    """Whether the job's run completed (its status says so; a folder from before status files
+    counts when it has results.json)."""
+    status = read_status(job_dir)
+    if status is None:
+        return (job_dir / "results.json").exists()
+    return status.get("status") == "completed"
+
+
+def job_arguments(combo: list[str], job_dir: Path) -> list[str]:
+    """``pflower-sim``'s arguments for a job: a fresh run into its folder, or the resumption of
+    an interrupted one (never a second run appended to a folder). A folder without a checkpoint
+    (the run died before its first round) is moved aside, ``<job>.incomplete-<time>``."""
+    if (job_dir / "checkpoint.npz").exists() and (job_dir / "config.yaml").exists():
+        return [*combo, f"output_dir={job_dir}", f"resume={job_dir}"]
+    if job_dir.exists() and any(job_dir.iterdir()) and read_lock(job_dir) is None:
+        aside = job_dir.with_name(f"{job_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+        job_dir.rename(aside)
+        print(f"pflower-sweep: {job_dir.name} had no checkpoint; its files moved to {aside.name}", flush=True)
+    return [*combo, f"output_dir={job_dir}"]
+
+
+def run_jobs(combos: list[list[str]], out: Path) -> tuple[dict[str, list[Path]], list[str]]:
+    """Run every job not completed yet; the jobs by row, and the names of the failed ones."""
     groups: dict[str, list[Path]] = {}
+    failed = []
     for i, combo in enumerate(combos, 1):
         job_dir = (out / job_name(combo)).resolve()
         groups.setdefault(group_key(combo), []).append(job_dir)
-        if (job_dir / "results.json").exists():
+        if completed(job_dir):
             print(f"[{i}/{len(combos)}] {job_dir.name}: done already", flush=True)
             continue
-        print(f"[{i}/{len(combos)}] {job_dir.name}", flush=True)
-        code = launch.main([*combo, f"output_dir={job_dir}"])
-        if code != 0 or not (job_dir / "results.json").exists():
-            print(f"pflower-sweep: job {job_dir.name} failed (exit {code})", file=sys.stderr)
-    return groups
+        arguments = job_arguments(combo, job_dir)
+        resumed = " (resumed)" if arguments[-1].startswith("resume=") else ""
+        print(f"[{i}/{len(combos)}] {job_dir.name}{resumed}", flush=True)
+        code = launch.main(arguments)
+        if code in (130, 143):  # Ctrl-C / SIGTERM stopped the job: stop the sweep too
+            raise KeyboardInterrupt
+        if code != 0 or not completed(job_dir):
+            failed.append(job_dir.name)
+            print(f"pflower-sweep: job {job_dir.name} failed (exit {code})", file=sys.stderr, flush=True)
+    return groups, failed
 
 
 def summarize(groups: dict[str, list[Path]], out: Path) -> list[dict]:
     rows = []
     for key, dirs in groups.items():
-        results = [json.loads((d / "results.json").read_text()) for d in dirs
-                   if (d / "results.json").exists()]
+        dirs = [d for d in dirs if completed(d)]  # a failed or stopped run reports nothing
+        results = [json.loads((d / "results.json").read_text()) for d in dirs]
         if not results:
             continue
 
@@ -83,7 +119,7 @@ def summarize(groups: dict[str, list[Path]], out: Path) -> list[dict]:
         last = [r["last_evaluated_round"] for r in results]
         # The same rule as each run's results.json: the round with the best mean validation
         # accuracy, recomputed from metrics.jsonl; test accuracy never selects.
-        best = [select_best_round(_rounds(d)) for d in dirs if (d / "results.json").exists()]
+        best = [select_best_round(_rounds(d)) for d in dirs]
         row = {"run": key, "seeds": len(results)}
         for name, values in {
             "final_mean": [x["personalized_accuracy"]["mean"] for x in last],
@@ -171,14 +207,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write tradeoff.md/.csv/.png: per row, rounds and bytes to reach this "
                              "mean personalized accuracy, and accuracy against rounds and bytes")
     args = parser.parse_args(argv)
-    combos = expand(args.overrides)
+    try:
+        combos = expand(launch.split_arguments(args.overrides))
+    except OverrideParseException as err:
+        print(f"pflower-sweep: cannot parse the overrides {args.overrides}: {err}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
     if args.summarize_only:
         groups: dict[str, list[Path]] = {}
         for combo in combos:
             groups.setdefault(group_key(combo), []).append((args.out / job_name(combo)).resolve())
     else:
-        groups = run_jobs(combos, args.out)
+        try:
+            groups, failed = run_jobs(combos, args.out)
+        except KeyboardInterrupt:
+            print("pflower-sweep: stopped; run the same command again to resume", file=sys.stderr)
+            return 130
     summarize(groups, args.out)
     print((args.out / "summary.md").read_text())
     if args.target is not None:
@@ -186,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
 
         write_report(groups, args.out, args.target)
         print((args.out / "tradeoff.md").read_text())
+    if failed:
+        print(f"pflower-sweep: {len(failed)} of {len(combos)} jobs failed: {', '.join(failed)} (their "
+              "folders' status.json and logs say why; they are left out of the summary)", file=sys.stderr)
+        return 1
     return 0
 
 

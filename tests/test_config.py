@@ -22,7 +22,7 @@ def test_overrides_apply_like_a_hydra_command_line():
     ("strategy=nope", "Valid choices for 'strategy'"),
     ("model=nope", "Valid choices for 'model'"),
     ("nope=1", "Valid top-level keys"),
-    ("lr=0", "lr=0: expected float in (0.0"),
+    ("lr=0", "lr=0: expected finite float in (0.0"),
     ("lr=-0.1", "lr=-0.1"),
     ("fraction_train=1.5", "fraction_train=1.5"),
     ("fraction_train=0", "fraction_train=0"),

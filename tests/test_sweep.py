@@ -13,6 +13,7 @@ def test_expand_takes_the_cartesian_product_of_swept_values():
     assert ["strategy=fedavg", "seed=2", "num_rounds=2"] in combos
     assert group_key(combos[0]) == "strategy=lgmix num_rounds=2"
     assert job_name(["dataset.domains=[a,b]", "seed=1"]) == "dataset.domains-a-b-_seed-1"
+    assert job_name(["lr=1e+30"]) != job_name(["lr=1e-30"])
 
 
 def _fake_job(directory, accs, global_acc=0.5):
