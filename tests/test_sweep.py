@@ -39,3 +39,23 @@ def test_summary_averages_over_seeds_and_writes_table_and_plot(tmp_path):
     table = (tmp_path / "summary.md").read_text()
     assert "0.7000 ± 0.1000" in table and "| strategy=b | 1 |" in table
     assert (tmp_path / "summary.png").stat().st_size > 0 and (tmp_path / "summary.csv").exists()
+
+
+def test_an_interrupted_job_is_resumed_and_one_without_checkpoint_restarts_in_a_clean_folder(tmp_path):
+    from task.sweep import completed, job_arguments
+
+    resumable = tmp_path / "a"
+    resumable.mkdir()
+    for name in ("checkpoint.npz", "config.yaml", "metrics.jsonl"):
+        (resumable / name).write_text("x")
+    (resumable / "status.json").write_text(json.dumps({"status": "stopped"}))
+    assert not completed(resumable)
+    expected = ["seed=0", f"output_dir={resumable}", f"resume={resumable}"]
+    assert job_arguments(["seed=0"], resumable) == expected
+    early = tmp_path / "b"
+    early.mkdir()
+    (early / "partition.json").write_text("{}")
+    assert job_arguments(["seed=0"], early) == ["seed=0", f"output_dir={early}"]
+    assert not early.exists() and [p.name for p in tmp_path.glob("b.incomplete-*")]
+    (resumable / "status.json").write_text(json.dumps({"status": "completed"}))
+    assert completed(resumable)
