@@ -31,7 +31,7 @@ and update centres v_k live on the server; client i is assigned to a_i. Round t:
                                            the authors' synthetic code starts TC)
        x_k <- x_k + v_k
 3. reassignment: a client whose update is typical of the cluster it trained,
-       ||u_i - v_{a_i}|| <= stay_radius * median_{j trained a_i} ||u_j - v_{a_i}||   (3.0),
+       ||u_i - v_{a_i}|| <= stay_radius * median_{j trained a_i} ||u_j - v_{a_i}||   (2.0),
    stays; every other client that replied moves to the nearest centre,
        a_i <- argmin_k ||u_i - v_k||.
    (The hard argmin for everyone, ``strategy.stay_radius=0``, is unstable late in training:
