@@ -332,6 +332,7 @@ class ClusteredPerClient(PFLStrategy):
     """Server half: g_i = TC(u_i, all updates) for every client that replied, sent back to it."""
 
     name = "clustered_per_client"
+    keeps_client_state = True
     has_global_model = False
     upload_is_update = True
 

@@ -88,6 +88,7 @@ class FedCLUP(PFLStrategy):
     """Server half: the damped server step, and the optional one-time adaptive lam."""
 
     name = "fedclup"
+    keeps_client_state = True
 
     def __init__(self, cfg, initial_state, partition_sizes):
         super().__init__(cfg, initial_state, partition_sizes)

@@ -80,6 +80,7 @@ class FedSLR(PFLStrategy):
     """Server half: FedDyn correction, SVT of every >= 2-D layer, factorised downlink."""
 
     name = "fedslr"
+    keeps_client_state = True
 
     def __init__(self, cfg, initial_state, partition_sizes, param_keys: list[str] | None = None):
         super().__init__(cfg, initial_state, partition_sizes)

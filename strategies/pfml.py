@@ -73,6 +73,7 @@ class PFML(PFLStrategy):
     """Server half: w_{t+1} = (1 - beta) w_t + beta sum_i p_i w_i."""
 
     name = "pfml"
+    keeps_client_state = True
 
     def aggregate_replies(self, server_round, replies):
         merged = weighted_mean([r.arrays for r in replies], [r.num_examples for r in replies])
