@@ -36,7 +36,7 @@ from pathlib import Path
 from task.config import ConfigError, compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
-POLL_S = 1.0
+POLL_S = 2.0
 STOP_WAIT_S = 120.0
 HOLDER_EXIT_S = 60.0
 OVERRIDE = re.compile(r"^[+~]{0,2}[\w./@-]+=")
@@ -143,14 +143,15 @@ class FlowerRun:
         return runs[0] if runs else {}
 
     def follow(self) -> dict:
-        """Stream the run's log until the SuperLink says it finished; return its record."""
+        """Stream the run's log until the SuperLink says it finished; return its record.
+
+        ``flwr log --stream`` ends when the run ends; only then (or if the stream breaks) is the
+        SuperLink asked for the status, since every ``flwr ls`` costs a Python start.
+        """
         self.log_proc = subprocess.Popen(["flwr", "log", str(self.run_id), "--stream"], env=self.env)
         stop_sent = None
         record: dict = {}
         while True:
-            record = self.status() or record
-            if str(record.get("status", "")).startswith("finished"):
-                break
             if self.signal is not None and stop_sent is None:
                 print(f"\npflower-sim: stopping run {self.run_id} (flwr stop); Ctrl-C again to quit at once",
                       file=sys.stderr, flush=True)
@@ -159,6 +160,12 @@ class FlowerRun:
             if stop_sent is not None and time.monotonic() - stop_sent > STOP_WAIT_S:
                 print(f"pflower-sim: run {self.run_id} did not stop within {STOP_WAIT_S:.0f}s",
                       file=sys.stderr)
+                break
+            if self.log_proc.poll() is None:  # still streaming: the run goes on
+                time.sleep(0.2)
+                continue
+            record = self.status() or record
+            if str(record.get("status", "")).startswith("finished"):
                 break
             time.sleep(POLL_S)
         self._end_log()
