@@ -59,7 +59,8 @@ keeps its personal model x_i (personal state) and uploads u_i = x_i(after) - x_i
 server runs TC started at each client's own update over all updates of the round,
     g_i = TC(u_i, {u_j : j in S_t}, tau, R),
 and sends each client its own g_i (the ``train.personalize`` phase): x_i <- x_i(before) + g_i.
-Its cluster_ari groups clients by the connected components of "j was kept in i's TC".
+Its cluster_ari groups clients by the connected components of "i and j kept each other in
+their TCs".
 
 Differences from the authors' code, on purpose: updates are whole local rounds (E epochs)
 instead of single momentum vectors of one batch, and the momentum is the local optimiser's
@@ -158,7 +159,10 @@ def tc_groups(X: torch.Tensor, quantile: float, iterations: int) -> tuple[torch.
 
 
 def components(kept: list[list[int]]) -> list[int]:
-    """Connected components of the undirected graph i -- j for j in kept[i] (component ids)."""
+    """Connected components of the graph with an edge i -- j where each kept the other in its
+    TC (mutual: one-sided edges late in training, when updates are mostly noise, chain every
+    cluster into one component). Returns component ids."""
+    sets = [set(js) for js in kept]
     parent = list(range(len(kept)))
 
     def root(i: int) -> int:
@@ -169,7 +173,8 @@ def components(kept: list[list[int]]) -> list[int]:
 
     for i, js in enumerate(kept):
         for j in js:
-            parent[root(i)] = root(j)
+            if i in sets[j]:
+                parent[root(i)] = root(j)
     return [root(i) for i in range(len(kept))]
 
 
