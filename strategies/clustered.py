@@ -154,14 +154,16 @@ def tc_groups(X: torch.Tensor, quantile: float, iterations: int) -> tuple[torch.
             keep = d <= robust.tc_radius(d, quantile)
             v = torch.where(keep[:, None], X, v).mean(0)
         out.append(v)
-        kept.append([j for j in range(len(X)) if bool(keep[j])])
+        order = torch.argsort((X - X[i]).norm(dim=1)).tolist()  # nearest first: itself, then the next
+        kept.append([j for j in order if bool(keep[j]) and j != i])
     return torch.stack(out), kept
 
 
 def components(kept: list[list[int]]) -> list[int]:
     """Connected components of the graph with an edge i -- j where each kept the other in its
-    TC (mutual: one-sided edges late in training, when updates are mostly noise, chain every
-    cluster into one component). Returns component ids."""
+    TC, plus i -- its nearest kept update (``kept[i]`` is ordered nearest first). One-sided
+    edges for every kept update, late in training when updates are mostly noise, chain every
+    cluster into one component. Returns component ids."""
     sets = [set(js) for js in kept]
     parent = list(range(len(kept)))
 
@@ -173,7 +175,7 @@ def components(kept: list[list[int]]) -> list[int]:
 
     for i, js in enumerate(kept):
         for j in js:
-            if i in sets[j]:
+            if i in sets[j] or j == js[0]:  # mutual, or i's first kept (its nearest) other
                 parent[root(i)] = root(j)
     return [root(i) for i in range(len(kept))]
 
@@ -356,7 +358,7 @@ class ClusteredPerClient(PFLStrategy):
         keys = list(float_entries(self.global_state))
         X = torch.stack([robust.flatten(r.arrays, keys) for r in replies])
         G, kept = tc_groups(X, float(self.cfg.strategy.quantile), int(self.cfg.strategy.tc_iterations))
-        self.stats.discarded += sum(len(replies) - len(k) for k in kept)
+        self.stats.discarded += sum(max(0, len(replies) - 1 - len(k)) for k in kept)  # kept: others
         self.estimates = {r.cid: robust.unflatten(g, self.global_state, keys)
                           for r, g in zip(replies, G, strict=True)}
         labels = components(kept)
