@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import re
@@ -48,11 +49,18 @@ def expand(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)]
 
 
+MAX_NAME = 180
+
+
 def job_name(combo: list[str]) -> str:
     """A directory name for one job: its overrides with unsafe characters replaced ('+' spelled
     out, so that lr=1e+30 and lr=1e-30 get folders of their own)."""
     name = "_".join(combo).replace("+", "plus") or "default"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+    if len(name) > MAX_NAME:  # file systems refuse names over 255 bytes: keep a readable head
+        digest = hashlib.sha1("_".join(combo).encode()).hexdigest()[:10]
+        name = f"{name[:MAX_NAME - 11]}-{digest}"
+    return name
 
 
 def group_key(combo: list[str]) -> str:

@@ -14,6 +14,8 @@ def test_expand_takes_the_cartesian_product_of_swept_values():
     assert group_key(combos[0]) == "strategy=lgmix num_rounds=2"
     assert job_name(["dataset.domains=[a,b]", "seed=1"]) == "dataset.domains-a-b-_seed-1"
     assert job_name(["lr=1e+30"]) != job_name(["lr=1e-30"])
+    long = [f"strategy.key{i}=value{i}" for i in range(30)]
+    assert len(job_name(long)) <= 180 and job_name(long) != job_name(long[:-1] + ["strategy.key29=other"])
 
 
 def _fake_job(directory, accs, global_acc=0.5):
