@@ -41,7 +41,7 @@ import torch
 from flwr.common import log
 
 from task.config import Field, register_strategy_schema
-from task.params import StateDict, model_state, weighted_mean
+from task.params import StateDict, model_state
 from task.training import proximal_penalty
 
 from .base import PFLStrategy
@@ -128,7 +128,8 @@ class FedCLUP(PFLStrategy):
         return {"lam": self.lam}
 
     def aggregate_replies(self, server_round, replies):
-        merged = weighted_mean([r.arrays for r in replies], [r.num_examples for r in replies])
+        merged = self.aggregate([r.arrays for r in replies], [r.num_examples for r in replies],
+                                center=self.global_state)
         self.global_state = server_step(self.global_state, merged, self.lam, self.eta_g)
         for r in replies:
             self.distances[r.cid] = distance(r.arrays, self.global_state)

@@ -57,7 +57,7 @@ from task.lowrank import (
     svt_factors,
     to_matrix,
 )
-from task.params import StateDict, model_state, num_bytes, weighted_mean
+from task.params import StateDict, model_state, num_bytes
 from task.training import Penalty
 
 from .base import PFLStrategy, array_spec
@@ -121,7 +121,7 @@ class FedSLR(PFLStrategy):
     # --- 3. the server's proximal step --------------------------------------------------
     def aggregate_replies(self, server_round, replies):
         uploads = [r.arrays for r in replies]
-        mean = weighted_mean(uploads, [1.0] * len(uploads))  # the authors' plain mean
+        mean = self.aggregate(uploads, [1.0] * len(uploads))  # the authors' plain mean (aggregator=)
         self.h = feddyn_correction(self.h, uploads, self.global_state, self.alpha, self.num_clients)
         corrected = feddyn_aggregate(mean, self.h, self.alpha)
         self.global_state, self.factors = threshold_layers(

@@ -42,7 +42,7 @@ from torch import nn
 
 from task.config import Field, register_strategy_schema
 from task.mutual import iteration_batches, mutual_loss, outer_gradient, prox_steps
-from task.params import StateDict, model_state, weighted_mean
+from task.params import StateDict, model_state
 from task.training import batches
 
 from .base import PFLStrategy
@@ -76,7 +76,8 @@ class PFML(PFLStrategy):
     keeps_client_state = True
 
     def aggregate_replies(self, server_round, replies):
-        merged = weighted_mean([r.arrays for r in replies], [r.num_examples for r in replies])
+        merged = self.aggregate([r.arrays for r in replies], [r.num_examples for r in replies],
+                                center=self.global_state)
         self.global_state = beta_step(self.global_state, merged, float(self.cfg.strategy.beta))
 
 
