@@ -41,7 +41,7 @@ import torch
 from flwr.common import log
 
 from task.config import Field, register_strategy_schema
-from task.params import StateDict, model_state
+from task.params import StateDict, damped_step, model_state
 from task.training import proximal_penalty
 
 from .base import PFLStrategy
@@ -58,14 +58,8 @@ register_strategy_schema("fedclup", {
 
 
 def server_step(global_state: StateDict, merged: StateDict, lam: float, eta_g: float) -> StateDict:
-    """(1 - lam eta_g) w_g + lam eta_g merged on floating entries (merged = sum_i p_i w_i);
-    integer entries take ``merged``'s."""
-    c = float(lam) * float(eta_g)
-    out = {}
-    for k, g in global_state.items():
-        m = merged[k].to(g.device)
-        out[k] = ((1.0 - c) * g + c * m.to(g.dtype)) if g.is_floating_point() else m.clone()
-    return out
+    """(1 - lam eta_g) w_g + lam eta_g merged (merged = sum_i p_i w_i)."""
+    return damped_step(global_state, merged, float(lam) * float(eta_g))
 
 
 def adaptive_lam(r_hat: float, n: float, rho: float = 5.0) -> float:

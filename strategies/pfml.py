@@ -42,7 +42,7 @@ from torch import nn
 
 from task.config import Field, register_strategy_schema
 from task.mutual import iteration_batches, mutual_loss, outer_gradient, prox_steps
-from task.params import StateDict, model_state
+from task.params import StateDict, damped_step, model_state
 from task.training import batches
 
 from .base import PFLStrategy
@@ -60,15 +60,6 @@ register_strategy_schema("pfml", {
 })
 
 
-def beta_step(global_state: StateDict, merged: StateDict, beta: float) -> StateDict:
-    """(1 - beta) w_t + beta merged on floating entries; integer entries take ``merged``'s."""
-    out = {}
-    for k, g in global_state.items():
-        m = merged[k].to(g.device)
-        out[k] = ((1.0 - beta) * g + beta * m.to(g.dtype)) if g.is_floating_point() else m.clone()
-    return out
-
-
 class PFML(PFLStrategy):
     """Server half: w_{t+1} = (1 - beta) w_t + beta sum_i p_i w_i."""
 
@@ -78,7 +69,7 @@ class PFML(PFLStrategy):
     def aggregate_replies(self, server_round, replies):
         merged = self.aggregate([r.arrays for r in replies], [r.num_examples for r in replies],
                                 center=self.global_state)
-        self.global_state = beta_step(self.global_state, merged, float(self.cfg.strategy.beta))
+        self.global_state = damped_step(self.global_state, merged, float(self.cfg.strategy.beta))
 
 
 class PFMLClient(ClientMethod):

@@ -115,6 +115,16 @@ def weighted_mean(states: Sequence[StateDict], weights: Sequence[float]) -> Stat
     return out
 
 
+def damped_step(start: StateDict, target: StateDict, rate: float) -> StateDict:
+    """(1 - rate) start + rate target on floating entries (rate > 1 extrapolates); integer
+    entries take ``target``'s. PFML's beta step and FedCLUP's lam * eta_g step."""
+    out = {}
+    for k, s in start.items():
+        t = target[k].to(s.device)
+        out[k] = ((1.0 - rate) * s + rate * t.to(s.dtype)) if s.is_floating_point() else t.clone()
+    return out
+
+
 def subtract(a: StateDict, b: StateDict) -> StateDict:
     """a - b entry-wise (floating entries; integer entries are kept from a)."""
     return {k: (a[k] - b[k]) if a[k].is_floating_point() else a[k].clone() for k in a}

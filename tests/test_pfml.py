@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from strategies.base import TrainReply
-from strategies.pfml import beta_step
 from task.config import ConfigError
 from task.mutual import iteration_batches, mutual_kl, mutual_loss, outer_gradient, prox_steps
-from task.params import model_state
+from task.params import damped_step, model_state
 from task.state import PersonalState
 from task.training import batches, step_generator
 
@@ -182,7 +181,7 @@ def test_beta_one_is_fedavgs_server_step_and_beta_extrapolates():
         pfml.aggregate_replies(1, got)
         for k, g in pfml.global_state.items():
             assert torch.allclose(g, (1 - beta) * before[k] + beta * fedavg.global_state[k], atol=1e-6)
-    ints = beta_step({"n": torch.tensor(3)}, {"n": torch.tensor(5)}, 2.0)
+    ints = damped_step({"n": torch.tensor(3)}, {"n": torch.tensor(5)}, 2.0)
     assert ints["n"].dtype == torch.int64 and int(ints["n"]) == 5
 
 
