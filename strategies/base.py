@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from omegaconf import DictConfig
 
 from task import attacks, robust
+from task.door import CHECKPOINT_META
 from task.outputs import atomic_write
 from task.params import StateDict, decode, model_state, to_record, weighted_mean
 
@@ -49,7 +50,6 @@ CONFIG = "config"
 METRICS = "metrics"
 POLL_START_S = 0.005
 POLL_MAX_S = 0.05
-CHECKPOINT_META = "__meta__"
 EVAL_SAMPLE_STREAM = 0xE7A1  # second seed word of the evaluation sample's generator
 BYZANTINE_STREAM = 0xB12A  # second seed word of the Byzantine clients' choice
 ADVERSARY_STREAM = 0xADE5  # second seed word of the server-side adversary's choices

@@ -42,13 +42,6 @@ HOLDER_EXIT_S = 60.0
 OVERRIDE = re.compile(r"^[+~]{0,2}[\w./@-]+=")
 
 
-def num_clients(overrides: str) -> int:
-    """How many clients (SuperNodes) the configured federation has."""
-    from task.data import build_federation
-
-    return len(build_federation(compose_config(overrides)).clients)
-
-
 def split_arguments(args: list[str]) -> list[str]:
     """Command-line arguments as single overrides.
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from task.launch import flwr_command, main, num_clients
+from task.launch import door, flwr_command, main
 
 
 def test_command_sizes_the_federation_and_passes_the_overrides():
-    assert num_clients("dataset.clients_per_domain=3") == 15
+    assert door("dataset.clients_per_domain=3")[0] == 15
     cmd = flwr_command('strategy=ditto dataset.domains=[plain,inverted]', 4, 1, 0.0)
     assert cmd[:2] == ["flwr", "run"] and "--stream" in cmd
     assert cmd[cmd.index("--run-config") + 1] == 'overrides="strategy=ditto dataset.domains=[plain,inverted]"'
