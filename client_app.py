@@ -11,7 +11,7 @@ from strategies.base import ARRAYS, CONFIG, METRICS
 from strategies.client_base import ClientMethod
 from task.config import compose_config
 from task.data import load_federation
-from task.device import resolve_device
+from task.device import apply_determinism, determinism_enabled, resolve_device
 from task.params import from_record, to_record
 from task.state import PersonalState
 
@@ -41,6 +41,7 @@ def client_id(context: Context, msg: Message | None = None) -> int:
 def client_method(context: Context, msg: Message) -> ClientMethod:
     """The method's client half for this node, over cached data and its personal state."""
     cfg = compose_config(str(context.run_config.get("overrides", "")))
+    apply_determinism(bool(cfg.deterministic))  # before anything below can start CUDA
     if (cfg.device == "cpu" or not torch.cuda.is_available()) and int(cfg.client_threads) > 0:
         torch.set_num_threads(int(cfg.client_threads))
     device = resolve_device(str(cfg.device))
@@ -65,9 +66,10 @@ def query(msg: Message, context: Context) -> Message:
     partition = client_id(context)
     partitions = int(context.node_config.get("num-partitions", 0))
     cfg = compose_config(str(context.run_config.get("overrides", "")))
+    apply_determinism(bool(cfg.deterministic))
     on_disk = bool(context.node_config.get("state-dir") or cfg.client_state_dir)
     metrics = MetricRecord({"partition-id": partition, "num-partitions": partitions,
-                            "state-on-disk": int(on_disk)})
+                            "state-on-disk": int(on_disk), "deterministic": int(determinism_enabled())})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 

@@ -16,6 +16,7 @@ from strategies import lookup
 from strategies.base import PFLStrategy
 from task.config import compose_config
 from task.data import Federation, load_federation
+from task.device import apply_determinism, determinism_enabled
 from task.door import CHECKPOINT, check_run
 from task.models import build_model
 from task.outputs import RunOutputs
@@ -60,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     """Check the run at the door, claim its folder, run it; the folder's status says how it ended."""
     started = time.monotonic()
     cfg = compose_config(str(context.run_config.get("overrides", "")))
+    apply_determinism(bool(cfg.deterministic))  # before anything can start CUDA
     federation = load_federation(cfg, torch.device("cpu"))
     strategy = build_strategy(cfg, federation)
     directory = check_run(cfg, federation, strategy.keeps_client_state)
@@ -102,6 +104,9 @@ def run(cfg: DictConfig, federation: Federation, strategy: PFLStrategy, grid: Gr
 
     strategy.start(grid, num_rounds=int(cfg.num_rounds), timeout=float(cfg.round_timeout),
                    first_round=first_round, on_round=on_round, checkpoint=outputs.dir / CHECKPOINT)
+    nodes = strategy.deterministic_nodes
+    log(INFO, "pflower: deterministic algorithms %s in the ServerApp, on in %s of %s ClientApp nodes",
+        "on" if determinism_enabled() else "off", sum(nodes.values()), len(nodes))
     if not any(r.get("train_loss") is not None for r in outputs.rounds()):
         reasons = "; ".join(strategy.stats.reasons[:4]) or "no replies"
         raise RuntimeError(f"no round aggregated: every round had fewer than min_replies={cfg.min_replies} "

@@ -190,6 +190,7 @@ class PFLStrategy(Strategy):
         self._eval_sample: list[int] | None = None
         self._reply_cid: dict[str, int] = {}  # message id -> client it was sent for
         self.state_on_disk: dict[int, bool] = {}  # client -> its node keeps personal state on disk
+        self.deterministic_nodes: dict[int, bool] = {}  # node -> its ClientApp runs deterministic
         # Clients left out of the personalized-accuracy summary (e.g. the Byzantine ones).
         self.excluded_clients: set[int] = set()
         # Ground-truth domain/cluster of every client and the names of the groups (from the
@@ -385,6 +386,7 @@ class PFLStrategy(Strategy):
                 continue
             m = reply.content.metric_records[METRICS]
             partition, partitions = int(m["partition-id"]), int(m["num-partitions"])
+            self.deterministic_nodes[reply.metadata.src_node_id] = bool(m.get("deterministic", 0))
             if not 0 <= partition < partitions <= self.num_clients:
                 raise RuntimeError(
                     f"node {reply.metadata.src_node_id} says partition-id={partition} "

@@ -90,6 +90,7 @@ TOP_SCHEMA: Schema = {
     "eval_every": COUNT,
     "eval_fraction": FRACTION,
     "device": Field(str, choices=("auto", "cpu", "cuda")),
+    "deterministic": Field(bool),
     "node_wait_timeout": POSITIVE,
     "round_timeout": POSITIVE,
     "min_replies": COUNT,

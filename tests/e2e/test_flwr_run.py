@@ -16,6 +16,10 @@ BASELINES = ["fedavg", "fedavg_ft", "fedprox", "fedbn", "local", "ditto"]
 @pytest.mark.parametrize("strategy", BASELINES)
 def test_two_rounds_write_every_output(flwr_runner, strategy):
     out = flwr_runner.run(strategy, f"{TINY} strategy={strategy} num_rounds=2")
+    # deterministic (default true) applied in the ServerApp and in every ClientApp process
+    # that answered a node's identity query (server_app.run logs what the nodes reported).
+    assert ("deterministic algorithms on in the ServerApp, on in 4 of 4 ClientApp nodes"
+            in flwr_runner.last_log)
     for name in ("config.yaml", "metrics.jsonl", "results.json", "accuracy.png"):
         assert (out / name).stat().st_size > 0, name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
