@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
+import sys
+from functools import cache
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from strategies import lookup
-from strategies.base import ARRAYS, CONFIG, METRICS
+from strategies.base import ARRAYS, CONFIG, METRICS, RAY_NODE
 from strategies.client_base import ClientMethod
 from task.config import compose_config
 from task.data import load_federation
@@ -54,6 +58,20 @@ def client_method(context: Context, msg: Message) -> ClientMethod:
     return client_cls(cfg, cid, federation, state, device)
 
 
+@cache
+def ray_node() -> dict[str, list[int]]:
+    """``{RAY_NODE: bytes of the node's IP}`` when this ClientApp runs in a Ray actor, else {}.
+
+    Replies carry it so that a run on a Ray cluster shows which hosts trained (``hosts`` in
+    metrics.jsonl). Read once per process; Ray is never imported for it (a deployment's
+    ``flwr-clientapp`` does not load Ray).
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {RAY_NODE: list(ipaddress.ip_address(ray.util.get_node_ip_address()).packed)}
+
+
 def _received(msg: Message, device: torch.device) -> tuple[dict, dict]:
     content = msg.content
     arrays = content.array_records.get(ARRAYS, ArrayRecord())
@@ -78,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
     method = client_method(context, msg)
     received, config = _received(msg, method.device)
     result = method.train_as_told(received, config)  # a Byzantine client's attack, if told so
-    metrics = MetricRecord({**result.metrics, "num-examples": result.num_examples})
+    metrics = MetricRecord({**result.metrics, "num-examples": result.num_examples, **ray_node()})
     return Message(RecordDict({ARRAYS: to_record(result.upload), METRICS: metrics}), reply_to=msg)
 
 
@@ -98,5 +116,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     counts = {"num-examples": method.data.num_test}
     if "validation_accuracy" in scores:
         counts["num-val"] = method.data.num_val
-    metrics = MetricRecord({**scores, **counts})
+    metrics = MetricRecord({**scores, **counts, **ray_node()})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)

@@ -23,6 +23,7 @@ short, backing-off poll (Flower 1.41's ``send_and_receive`` sleeps 3 s between p
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import time
@@ -48,6 +49,8 @@ from task.params import StateDict, decode, model_state, to_record, weighted_mean
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+# Reply metric: the bytes of the IP address of the Ray node a ClientApp ran on (client_app.ray_node).
+RAY_NODE = "ray-node"
 POLL_START_S = 0.005
 POLL_MAX_S = 0.05
 EVAL_SAMPLE_STREAM = 0xE7A1  # second seed word of the evaluation sample's generator
@@ -86,6 +89,16 @@ class RoundStats:
     # Uploads the configured aggregator discarded or clipped (task/robust.py), over the round.
     discarded: int = 0
     reasons: list[str] = field(default_factory=list)
+    # Replies per Ray node (IP address) that ran the ClientApp, where replies say so.
+    hosts: dict[str, int] = field(default_factory=dict)
+
+    def count_host(self, reply: Message) -> None:
+        if reply.has_error() or METRICS not in reply.content.metric_records:
+            return
+        node = reply.content.metric_records[METRICS].get(RAY_NODE)
+        if node is not None:
+            name = host_name(node)
+            self.hosts[name] = self.hosts.get(name, 0) + 1
 
     def reject(self, cid: int | None, reason: str) -> None:
         self.rejected_replies += 1
@@ -94,6 +107,16 @@ class RoundStats:
 
 
 SUMMARY_KEYS = ("mean", "weighted", "worst")
+
+
+def host_name(value: Any) -> str:
+    """The IP address a ``RAY_NODE`` metric holds, or "unreadable" (a reply is never trusted)."""
+    if not isinstance(value, list) or len(value) not in (4, 16):  # IPv4 or IPv6 bytes
+        return "unreadable"
+    try:
+        return str(ipaddress.ip_address(bytes(value)))
+    except (TypeError, ValueError):
+        return "unreadable"
 
 
 def summarize_accuracy(prefix: str, scores: list[tuple[float, int]]) -> dict[str, float]:
@@ -567,6 +590,8 @@ class PFLStrategy(Strategy):
             "late_replies": self.stats.late_replies,
             "seconds": time.monotonic() - started,
         })
+        if self.stats.hosts:
+            row["hosts"] = dict(sorted(self.stats.hosts.items()))
         if self.byzantine:
             row["byzantine_clients"] = self.byzantine
         return row
@@ -609,6 +634,7 @@ class PFLStrategy(Strategy):
         pairs, late = exchange(grid, messages, timeout)
         self._reply_cid = {}
         for sent, reply in pairs:
+            self.stats.count_host(reply)
             if reply.metadata.src_node_id == sent.metadata.dst_node_id:
                 cid = sent.content.config_records[CONFIG].get("client-id")
                 self._reply_cid[reply.metadata.reply_to_message_id] = int(cid)

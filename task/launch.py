@@ -13,6 +13,12 @@
    (submitted with ``--format json`` to learn the run id, its log followed with ``flwr log``),
    with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: the local SuperLink uses the
    current environment instead of building one with ``uv sync`` for every run.
+   With ``--ray-address ADDR`` (or ``RAY_ADDRESS`` in the environment) the ClientApps run on
+   that Ray cluster: Flower's Ray backend calls ``ray.init()`` inside the SuperLink's
+   simulation process, which reads ``RAY_ADDRESS`` from the environment it inherits from the
+   SuperLink; so ``RAY_ADDRESS`` is set for the ``flwr run`` that starts the local SuperLink,
+   and a local SuperLink already running with another ``RAY_ADDRESS`` is refused (exit 2)
+   rather than silently running elsewhere (docs/ray_cluster.md).
 3. Reads the run's final status from the SuperLink (``flwr ls``): exit 0 when it completed,
    1 when it failed (the failure's message last), 130 / 143 when stopped by Ctrl-C / SIGTERM.
    Ctrl-C (or SIGTERM) stops the Flower run (``flwr stop``) and waits for it, so nothing goes
@@ -75,6 +81,76 @@ def flwr_command(overrides: str, clients: int, cpus: int, gpus: float) -> list[s
 
 def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def local_superlink() -> tuple[int, str | None] | None:
+    """The local simulation SuperLink ``flwr run`` would use: (pid, its ``RAY_ADDRESS``), or None.
+
+    Found by its command line (``flower-superlink ... --simulation ... --port <local port>``, as
+    ``flwr run`` starts it) in this network namespace (where ``127.0.0.1`` is the same);
+    its environment is read from /proc (same user).
+    """
+    from flwr.cli.constant import LOCAL_SUPERLINK_HTTP_API_PORT
+
+    ours = os.readlink("/proc/self/ns/net")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "ns" / "net") != ours:
+                continue
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            # ``flower-superlink ...`` or ``python .../flower-superlink ...``
+            if not any(Path(a).name == "flower-superlink" for a in args[:2]):
+                continue
+            if "--simulation" not in args or _option(args, "--port") != str(LOCAL_SUPERLINK_HTTP_API_PORT):
+                continue
+            environ = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        found = dict(v.split("=", 1) for v in environ if "=" in v)
+        return int(entry.name), found.get("RAY_ADDRESS") or None
+    return None
+
+
+def _option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args[:-1] else None
+
+
+def ray_address_problem(wanted: str | None) -> str | None:
+    """Why the run would not reach the Ray cluster ``wanted`` (None: it will, or none is wanted).
+
+    Flower's Ray backend runs ``ray.init()`` in the simulation process the SuperLink spawns,
+    which inherits the SuperLink's environment, not that of ``flwr run``; ``RAY_ADDRESS`` given
+    now reaches it only when ``flwr run`` starts the local SuperLink.
+    """
+    running = local_superlink()
+    if running is None:
+        return None
+    pid, theirs = running
+    if wanted is None:
+        if theirs:
+            print(f"pflower-sim: note: the local SuperLink (pid {pid}) runs simulations on the Ray "
+                  f"cluster at {theirs} (its RAY_ADDRESS)", file=sys.stderr)
+        return None
+    if theirs == wanted:
+        return None
+    return (f"the local SuperLink (pid {pid}) was started with RAY_ADDRESS={theirs or '(unset)'}, and "
+            f"its simulation process, where Flower's Ray backend calls ray.init(), inherits that: the "
+            f"run would not reach {wanted}. Stop that SuperLink (kill {pid}) and run again; the "
+            f"`flwr run` started here then starts one with RAY_ADDRESS={wanted}")
+
+
+def cluster_path_warnings(overrides: str) -> list[str]:
+    """Relative paths a ClientApp reads, which a Ray cluster resolves on each node against the
+    directory that node's ``ray start`` ran in (docs/ray_cluster.md: what must be shared)."""
+    cfg = compose_config(overrides)
+    reads_files = cfg.dataset.name not in ("digits", "mnist5k")  # these come with installed packages
+    paths = {"client_state_dir": str(cfg.client_state_dir or ""),
+             "dataset.data_root": str(cfg.dataset.get("data_root") or "") if reads_files else ""}
+    return [f"{key}={value!r} is relative: on a Ray cluster each node resolves it against the "
+            "directory its `ray start` ran in; give an absolute path on storage every node mounts"
+            for key, value in paths.items() if value and not Path(value).is_absolute()]
 
 
 def pin_output_dir(overrides: str) -> str:
@@ -221,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=1, help="CPUs per ClientApp (default 1)")
     parser.add_argument("--gpus", type=float, default=None,
                         help="GPU fraction per ClientApp (default: 0.2 when CUDA is present, else 0)")
+    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+                        help="run the ClientApps on this Ray cluster (e.g. 10.0.0.1:6379, as "
+                             "`ray start --head` prints; default: $RAY_ADDRESS); see docs/ray_cluster.md")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything; print the flwr command only")
     args = parser.parse_args(argv)
@@ -237,10 +316,20 @@ def main(argv: list[str] | None = None) -> int:
 
         gpus = 0.2 if torch.cuda.is_available() else 0.0
     command = flwr_command(overrides, clients, args.cpus, gpus)
-    print("+ " + shlex.join(command), flush=True)
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    prefix = ""
+    if args.ray_address:
+        env["RAY_ADDRESS"] = args.ray_address
+        prefix = f"RAY_ADDRESS={shlex.quote(args.ray_address)} "
+        for warning in cluster_path_warnings(overrides):
+            print(f"pflower-sim: warning: {warning}", file=sys.stderr)
+    print("+ " + prefix + shlex.join(command), flush=True)
     if args.dry_run:
         return 0
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    problem = ray_address_problem(args.ray_address)
+    if problem is not None:
+        print(f"pflower-sim: {problem}", file=sys.stderr)
+        return 2
     run = FlowerRun(command, directory, env)
     previous = {s: signal.signal(s, run.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
