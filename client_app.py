@@ -5,19 +5,35 @@ from __future__ import annotations
 import ipaddress
 import sys
 from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+# Only what every message needs: in deployment each message is a fresh process, so the
+# method's module is imported by ``lookup`` and Hydra only when the config is not cached yet
+# (task/node_cache.py).
 from strategies import lookup
-from strategies.base import ARRAYS, CONFIG, METRICS, RAY_NODE
-from strategies.client_base import ClientMethod
-from task.config import compose_config
-from task.data import load_federation
+from strategies.base import (
+    ARRAYS,
+    CONFIG,
+    EVAL_ARRAYS,
+    METRICS,
+    PERSONALIZE_METRICS,
+    RAY_NODE,
+    hosted_clients,
+)
 from task.device import apply_determinism, determinism_enabled, resolve_device
+from task.node_cache import cached_config, node_federation
 from task.params import from_record, to_record
 from task.state import PersonalState
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from strategies.client_base import ClientMethod
 
 app = ClientApp()
 
@@ -42,15 +58,29 @@ def client_id(context: Context, msg: Message | None = None) -> int:
     return cid
 
 
+def node_cache_dir(context: Context) -> Path | None:
+    """``<state-dir>/cache`` of a deployed SuperNode (None without a state directory, e.g. in
+    simulation, whose ClientApp processes live on and cache in memory)."""
+    root = context.node_config.get("state-dir")
+    return Path(str(root)) / "cache" if root else None
+
+
+def run_config(context: Context) -> DictConfig:
+    """The run's composed config (cached on the node's disk in deployment)."""
+    return cached_config(str(context.run_config.get("overrides", "")), node_cache_dir(context))
+
+
 def client_method(context: Context, msg: Message) -> ClientMethod:
     """The method's client half for this node, over cached data and its personal state."""
-    cfg = compose_config(str(context.run_config.get("overrides", "")))
+    cfg = run_config(context)
     apply_determinism(bool(cfg.deterministic))  # before anything below can start CUDA
     if (cfg.device == "cpu" or not torch.cuda.is_available()) and int(cfg.client_threads) > 0:
         torch.set_num_threads(int(cfg.client_threads))
     device = resolve_device(str(cfg.device))
     cid = client_id(context, msg)
-    federation = load_federation(cfg, device)
+    partition, partitions = client_id(context), int(context.node_config.get("num-partitions", 1))
+    federation = node_federation(cfg, device, node_cache_dir(context),
+                                 lambda n: hosted_clients(partition, partitions, n))
     _, client_cls = lookup(cfg.strategy.name)
     server_round = int(msg.content.config_records[CONFIG]["server-round"])
     state = PersonalState(context, cid, device, server_round, cfg.client_state_dir or None,
@@ -83,7 +113,7 @@ def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition of how many this node is (hence which clients it serves)."""
     partition = client_id(context)
     partitions = int(context.node_config.get("num-partitions", 0))
-    cfg = compose_config(str(context.run_config.get("overrides", "")))
+    cfg = run_config(context)
     apply_determinism(bool(cfg.deterministic))
     on_disk = bool(context.node_config.get("state-dir") or cfg.client_state_dir)
     metrics = MetricRecord({"partition-id": partition, "num-partitions": partitions,
@@ -105,16 +135,26 @@ def personalize(msg: Message, context: Context) -> Message:
     method = client_method(context, msg)
     received, config = _received(msg, method.device)
     metrics = MetricRecord(method.personalize(received, config))
-    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+    if EVAL_ARRAYS not in msg.content.array_records:
+        return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+    # The round's evaluation rides on this message (strategies/base.py, ``personalize``): a
+    # fresh client half scores the personal state just saved, as an evaluate message would.
+    scorer = client_method(context, msg)
+    eval_received = from_record(msg.content.array_records[EVAL_ARRAYS], scorer.device)
+    return Message(RecordDict({METRICS: _scores(scorer, eval_received, config),
+                               PERSONALIZE_METRICS: metrics}), reply_to=msg)
+
+
+def _scores(method: ClientMethod, received: dict, config: dict) -> MetricRecord:
+    scores = method.evaluate(received, config)
+    counts = {"num-examples": method.data.num_test}
+    if "validation_accuracy" in scores:
+        counts["num-val"] = method.data.num_val
+    return MetricRecord({**scores, **counts, **ray_node()})
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     method = client_method(context, msg)
     received, config = _received(msg, method.device)
-    scores = method.evaluate(received, config)
-    counts = {"num-examples": method.data.num_test}
-    if "validation_accuracy" in scores:
-        counts["num-val"] = method.data.num_val
-    metrics = MetricRecord({**scores, **counts, **ray_node()})
-    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({METRICS: _scores(method, received, config)}), reply_to=msg)

@@ -2,40 +2,42 @@
 
 from __future__ import annotations
 
-from .base import PFLStrategy
-from .client_base import ClientMethod
-from .clustered import Clustered, ClusteredClient, ClusteredPerClient, ClusteredPerClientClient
-from .ditto import Ditto, DittoClient
-from .fedavg import FedAvg, FedAvgClient
-from .fedavg_ft import FedAvgFT, FedAvgFTClient
-from .fedbn import FedBN, FedBNClient
-from .fedclup import FedCLUP, FedCLUPClient
-from .fedprox import FedProx, FedProxClient
-from .fedslr import FedSLR, FedSLRClient
-from .ifca import IFCA, IFCAClient
-from .lgmix import LGMix, LGMixClient
-from .local import Local, LocalClient
-from .pfml import PFML, PFMLClient
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-REGISTRY: dict[str, tuple[type[PFLStrategy], type[ClientMethod]]] = {
-    "fedavg": (FedAvg, FedAvgClient),
-    "fedavg_ft": (FedAvgFT, FedAvgFTClient),
-    "fedprox": (FedProx, FedProxClient),
-    "fedbn": (FedBN, FedBNClient),
-    "local": (Local, LocalClient),
-    "ditto": (Ditto, DittoClient),
-    "lgmix": (LGMix, LGMixClient),
-    "clustered": (Clustered, ClusteredClient),
-    "clustered_per_client": (ClusteredPerClient, ClusteredPerClientClient),
-    "ifca": (IFCA, IFCAClient),
-    "pfml": (PFML, PFMLClient),
-    "fedclup": (FedCLUP, FedCLUPClient),
-    "fedslr": (FedSLR, FedSLRClient),
+if TYPE_CHECKING:
+    from .base import PFLStrategy
+    from .client_base import ClientMethod
+
+# name -> (module, server class, client class). Modules are imported when looked up, so a
+# deployed ClientApp (a fresh process per message) imports its own method only.
+REGISTRY: dict[str, tuple[str, str, str]] = {
+    "fedavg": ("fedavg", "FedAvg", "FedAvgClient"),
+    "fedavg_ft": ("fedavg_ft", "FedAvgFT", "FedAvgFTClient"),
+    "fedprox": ("fedprox", "FedProx", "FedProxClient"),
+    "fedbn": ("fedbn", "FedBN", "FedBNClient"),
+    "local": ("local", "Local", "LocalClient"),
+    "ditto": ("ditto", "Ditto", "DittoClient"),
+    "lgmix": ("lgmix", "LGMix", "LGMixClient"),
+    "clustered": ("clustered", "Clustered", "ClusteredClient"),
+    "clustered_per_client": ("clustered", "ClusteredPerClient", "ClusteredPerClientClient"),
+    "ifca": ("ifca", "IFCA", "IFCAClient"),
+    "pfml": ("pfml", "PFML", "PFMLClient"),
+    "fedclup": ("fedclup", "FedCLUP", "FedCLUPClient"),
+    "fedslr": ("fedslr", "FedSLR", "FedSLRClient"),
 }
+
+
+def load_all() -> None:
+    """Import every method module (each declares its config schema on import)."""
+    for module in sorted({m for m, _, _ in REGISTRY.values()}):
+        import_module(f"{__name__}.{module}")
 
 
 def lookup(name: str) -> tuple[type[PFLStrategy], type[ClientMethod]]:
     """Both halves of the method ``name``; a clear error lists the valid names."""
     if name not in REGISTRY:
         raise KeyError(f"unknown strategy {name!r}; valid: {sorted(REGISTRY)}")
-    return REGISTRY[name]
+    module, server, client = REGISTRY[name]
+    found = import_module(f"{__name__}.{module}")
+    return getattr(found, server), getattr(found, client)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from omegaconf import DictConfig
@@ -49,6 +50,11 @@ from task.params import StateDict, decode, model_state, to_record, weighted_mean
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+# A personalize message that also carries the round's evaluation: the arrays the client scores
+# its personal model with (``eval_arrays``); its reply then holds the scores in METRICS and the
+# personalize phase's own metrics under PERSONALIZE_METRICS.
+EVAL_ARRAYS = "eval-arrays"
+PERSONALIZE_METRICS = "personalize-metrics"
 # Reply metric: the bytes of the IP address of the Ray node a ClientApp ran on (client_app.ray_node).
 RAY_NODE = "ray-node"
 POLL_START_S = 0.005
@@ -86,6 +92,9 @@ class RoundStats:
     bytes_down: int = 0
     rejected_replies: int = 0
     late_replies: int = 0
+    # Clients sent a message this round whose reply never came (late, or a node the SuperLink
+    # reports unavailable): metrics.jsonl's ``missing_clients``.
+    missing: set[int] = field(default_factory=set)
     # Uploads the configured aggregator discarded or clipped (task/robust.py), over the round.
     discarded: int = 0
     reasons: list[str] = field(default_factory=list)
@@ -565,8 +574,9 @@ class PFLStrategy(Strategy):
         replies, late = self._exchange(grid, messages, timeout)
         self.stats.late_replies += late
         train_metrics = self.aggregate_train_metrics(server_round, replies)
+        scored: dict[int, Message | None] = {}
         if train_metrics is not None:
-            self.personalize(grid, server_round, timeout)
+            scored = self.personalize(grid, server_round, timeout, evaluate)
         row: dict[str, Any] = {
             "round": server_round,
             "train_loss": float(train_metrics["train_loss"]) if train_metrics else None,
@@ -575,11 +585,16 @@ class PFLStrategy(Strategy):
             "global_accuracy": None,
         }
         if evaluate:
-            eval_messages = list(self.configure_evaluate(server_round, None, ConfigRecord(), grid))
+            # Clients whose personalize message carried the evaluation get no evaluate message.
+            eval_messages = [m for m in self.configure_evaluate(server_round, None, ConfigRecord(), grid)
+                             if int(m.content.config_records[CONFIG]["client-id"]) not in scored]
             eval_replies, late = self._exchange(grid, eval_messages, timeout)
             self.stats.late_replies += late
-            row["evaluated_clients"] = len(eval_messages)
-            metrics = self.aggregate_evaluate(server_round, eval_replies)
+            row["evaluated_clients"] = len(eval_messages) + len(scored)
+            merged = [m for m in scored.values() if m is not None and not m.has_error()]
+            self._reply_cid.update({m.metadata.reply_to_message_id: c for c, m in scored.items()
+                                    if m is not None})
+            metrics = self.aggregate_evaluate(server_round, [*merged, *eval_replies])
             if metrics is not None:
                 row.update(self._eval_row(metrics))
         row.update(self.round_metrics(server_round))
@@ -590,27 +605,51 @@ class PFLStrategy(Strategy):
             "late_replies": self.stats.late_replies,
             "seconds": time.monotonic() - started,
         })
+        if self.stats.missing:
+            row["missing_clients"] = sorted(self.stats.missing)
         if self.stats.hosts:
             row["hosts"] = dict(sorted(self.stats.hosts.items()))
         if self.byzantine:
             row["byzantine_clients"] = self.byzantine
         return row
 
-    def personalize(self, grid: Grid, server_round: int, timeout: float) -> None:
-        """The optional phase after aggregation (see ``personalize_arrays``)."""
+    def personalize(self, grid: Grid, server_round: int, timeout: float,
+                    evaluate: bool = False) -> dict[int, Message | None]:
+        """The optional phase after aggregation (see ``personalize_arrays``).
+
+        In a round that evaluates, a client that is personalized and evaluates gets one
+        message for both (``EVAL_ARRAYS``): it mixes, saves, then scores the personal model it
+        just saved, exactly what a separate evaluate message would score, one ClientApp start
+        (in deployment, a process) fewer. Returns those clients' replies by client id.
+        """
         records: dict[int, tuple[StateDict, ArrayRecord]] = {}
+        eval_records: dict[int, tuple[StateDict, ArrayRecord]] = {}
+        scores = set(self.eval_clients()) if evaluate else set()
         messages = []
         for cid in self._aggregated:
             sent = self.personalize_arrays(cid, server_round)
             if sent is None:
                 continue
             values = {**self.personalize_config(cid, server_round), "server-round": server_round}
-            messages.append(self._message(cid, sent, values, f"{MessageType.TRAIN}.personalize", records))
+            message = self._message(cid, sent, values, f"{MessageType.TRAIN}.personalize", records)
+            if cid in scores:
+                arrays = self._record(eval_records, self.eval_arrays(cid))
+                self.stats.bytes_down += arrays.count_bytes()
+                message.content.array_records[EVAL_ARRAYS] = arrays
+            messages.append(message)
         replies, late = self._exchange(grid, messages, timeout)
         self.stats.late_replies += late
+        # A merged message counts as the client's evaluate message even with no reply (None).
+        scored: dict[int, Message | None] = {
+            int(m.content.config_records[CONFIG]["client-id"]): None
+            for m in messages if EVAL_ARRAYS in m.content.array_records}
         for reply in replies:
+            cid = self._cid_of(reply)
             if reply.has_error():
-                self.stats.reject(self._cid_of(reply), f"personalize failed: {reply.error.reason}")
+                self.stats.reject(cid, f"personalize failed: {reply.error.reason}")
+            if cid in scored:
+                scored[cid] = reply
+        return scored
 
     def _eval_row(self, metrics: MetricRecord) -> dict[str, Any]:
         per_client = {int(k.split("_", 1)[1]): float(v) for k, v in metrics.items()
@@ -633,11 +672,18 @@ class PFLStrategy(Strategy):
         """``exchange``, remembering which client each reply answers for (``_cid_of``)."""
         pairs, late = exchange(grid, messages, timeout)
         self._reply_cid = {}
+        answered: set[int] = set()
         for sent, reply in pairs:
             self.stats.count_host(reply)
-            if reply.metadata.src_node_id == sent.metadata.dst_node_id:
-                cid = sent.content.config_records[CONFIG].get("client-id")
-                self._reply_cid[reply.metadata.reply_to_message_id] = int(cid)
+            cid = int(sent.content.config_records[CONFIG]["client-id"])
+            # The SuperLink answers for a node it found unavailable (no heartbeat): an error.
+            if reply.metadata.src_node_id == SUPERLINK_NODE_ID and reply.has_error():
+                self.stats.missing.add(cid)
+            if reply.metadata.src_node_id in (sent.metadata.dst_node_id, SUPERLINK_NODE_ID):
+                self._reply_cid[reply.metadata.reply_to_message_id] = cid
+                answered.add(cid)
+        sent_to = {int(m.content.config_records[CONFIG]["client-id"]) for m in messages}
+        self.stats.missing |= sent_to - answered
         return [reply for _, reply in pairs], late
 
     def _cid_of(self, message: Message) -> int | None:

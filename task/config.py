@@ -15,8 +15,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -191,8 +189,14 @@ def compose_config(overrides: str = "") -> DictConfig:
     Cached per process: composition costs tens of milliseconds and the config never changes
     within a run.
     """
-    import strategies  # noqa: F401  (each strategy module declares its schema on import)
+    # Hydra is imported here, not at module level: a deployed ClientApp reading its cached
+    # config (task/node_cache.py) then never imports it.
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
 
+    import strategies
+
+    strategies.load_all()  # each strategy module declares its schema on import
     args = split_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
