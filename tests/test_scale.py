@@ -1,11 +1,16 @@
-"""Evaluation of a fixed sample of clients (``eval_fraction``) and the round loop's bookkeeping."""
+"""Evaluation of a fixed sample of clients (``eval_fraction``), the round loop's bookkeeping, and
+what a run on a Ray cluster records (the node of every reply; ``pflower-sim --ray-address``)."""
 
 from __future__ import annotations
+
+import sys
+import types
 
 import pytest
 import torch
 from flwr.app import ConfigRecord
 
+from strategies.base import host_name
 from task.config import ConfigError
 from task.params import to_record
 
@@ -58,3 +63,58 @@ def test_one_record_per_distinct_array_set_per_phase():
     assert list(sent) == list(expected)
     assert all(torch.equal(torch.from_numpy(sent[k].numpy()), torch.from_numpy(expected[k].numpy()))
                for k in sent)
+
+
+# --- Ray clusters: replies name their node; pflower-sim's --ray-address -------------------
+def test_replies_under_ray_name_their_node_and_rows_count_them(monkeypatch):
+    import client_app
+
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: True,
+                                     util=types.SimpleNamespace(get_node_ip_address=lambda: "10.1.2.3"))
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    client_app.ray_node.cache_clear()
+    try:
+        rows, _ = _run("", rounds=1)
+    finally:
+        client_app.ray_node.cache_clear()
+    assert rows[0]["hosts"] == {"10.1.2.3": 2 + 4}  # 2 trained (fraction_train 0.5), 4 evaluated
+    assert rows[0]["rejected_replies"] == 0
+
+
+def test_rows_without_ray_have_no_hosts():
+    rows, _ = _run("", rounds=1)
+    assert "hosts" not in rows[0]
+
+
+@pytest.mark.parametrize("value, name", [
+    ([10, 0, 0, 1], "10.0.0.1"), ([0] * 15 + [1], "::1"), ([1, 2, 3], "unreadable"),
+    ([300, 0, 0, 0], "unreadable"), (10**15, "unreadable"), ([1.5, 0.0, 0.0, 0.0], "unreadable")])
+def test_host_name_never_trusts_the_reply(value, name):
+    assert host_name(value) == name
+
+
+def test_ray_address_reaches_only_a_superlink_started_with_it(monkeypatch, capsys):
+    from task import launch
+
+    monkeypatch.setattr(launch, "local_superlink", lambda: None)
+    assert launch.ray_address_problem("10.0.0.1:6379") is None  # flwr run starts one with it
+    monkeypatch.setattr(launch, "local_superlink", lambda: (4242, None))
+    problem = launch.ray_address_problem("10.0.0.1:6379")
+    assert "RAY_ADDRESS=(unset)" in problem and "kill 4242" in problem
+    assert launch.ray_address_problem(None) is None
+    monkeypatch.setattr(launch, "local_superlink", lambda: (4242, "10.0.0.1:6379"))
+    assert launch.ray_address_problem("10.0.0.1:6379") is None
+    assert launch.ray_address_problem(None) is None
+    assert "Ray cluster at 10.0.0.1:6379" in capsys.readouterr().err
+
+
+def test_ray_address_option_and_environment_in_the_printed_command(monkeypatch, capsys):
+    from task.launch import main
+
+    assert main(["--dry-run", "--ray-address", "10.0.0.1:6379", TINY]) == 0
+    assert "+ RAY_ADDRESS=10.0.0.1:6379 flwr run" in capsys.readouterr().out
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert main(["--dry-run", TINY, "client_state_dir=states"]) == 0
+    out = capsys.readouterr()
+    assert "+ RAY_ADDRESS=10.0.0.2:6379 flwr run" in out.out
+    assert "client_state_dir='states' is relative" in out.err
