@@ -12,7 +12,9 @@ returns the newest version written before round r (later phases of round r also 
 r's own). ``context.state`` holds the newest version only; the state directory also keeps the
 previous one (``<name>.prev.npz``). A run resumed from the server's checkpoint after round k
 (fresh contexts, state read from disk) therefore sees every client's state as of round k,
-even if the crash came while some clients had already saved round k+1.
+even if the crash came while some clients had already saved round k+1. With the run's
+``client_state_dir`` (simulation) the state directory is the only copy and ``context.state``
+holds none (see ``PersonalState.disk_only``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ class PersonalState:
         self.visible = server_round if after_training else server_round - 1
         root = context.node_config.get("state-dir") or state_dir
         self.dir = Path(str(root)) / f"client-{cid}" if root else None
+        # The run's ``client_state_dir`` (simulation): the disk is the only copy. Flower keeps
+        # every simulated node's Context in the one simulation process and pickles it to the
+        # actor and back with every message, so a copy in context.state would cost the server's
+        # RAM per client and be copied twice per message. A SuperNode's own ``state-dir``
+        # (deployment) keeps the newest version in its memory too: no disk read per message.
+        self.disk_only = self.dir is not None and not context.node_config.get("state-dir")
         # A SuperNode may host several clients: their entries in context.state are kept apart.
         self.prefix = f"client-{cid}."
         # Versions read or written in this phase: {name: [(round, version), ...]} newest first.
@@ -144,6 +152,8 @@ class PersonalState:
         """
         from flwr.app import ConfigRecord
 
+        if self.disk_only:
+            return
         newest_round, newest = versions[0]
         self.record.array_records[f"{self.prefix}{name}"] = newest.record
         meta = ConfigRecord({"rounds": json.dumps([newest_round])})

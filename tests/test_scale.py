@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from strategies.base import host_name
 from task.config import ConfigError
@@ -118,3 +118,30 @@ def test_ray_address_option_and_environment_in_the_printed_command(monkeypatch, 
     out = capsys.readouterr()
     assert "+ RAY_ADDRESS=10.0.0.2:6379 flwr run" in out.out
     assert "client_state_dir='states' is relative" in out.err
+
+
+# --- personal state of 10,000 clients: on disk only with the run's client_state_dir ---------
+def test_run_state_dir_keeps_personal_state_out_of_the_context(tmp_path):
+    from task.state import PersonalState
+
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 1},
+                  state=RecordDict(), run_config={})
+
+    def state(r, after=False):
+        return PersonalState(ctx, 0, torch.device("cpu"), r, str(tmp_path), after_training=after)
+
+    for r in (1, 2):
+        state(r).save("p", {"w": torch.tensor([float(r)])})
+    assert not ctx.state.array_records and not ctx.state.config_records  # nothing to pickle per message
+    assert float(state(2).load("p")["w"]) == 1.0  # round 2's training sees round 1's state
+    assert float(state(2, after=True).load("p")["w"]) == 2.0
+    assert float(state(3).load("p")["w"]) == 2.0
+
+
+def test_ditto_with_a_run_state_dir_trains_as_with_state_in_memory(tmp_path):
+    memory, _ = _run("", rounds=3)
+    disk, grid = _run(f"client_state_dir={tmp_path}", rounds=3)
+    assert [r["train_loss"] for r in memory] == [r["train_loss"] for r in disk]
+    assert [r["per_client_accuracy"] for r in memory] == [r["per_client_accuracy"] for r in disk]
+    assert all(not c.state.array_records for c in grid.contexts.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"client-{c}" for c in range(4)]
