@@ -128,8 +128,10 @@ class Deployment:
 
 
 def host_ip(host: str) -> str:
-    """``link`` is .1, ``node<i>`` is .<i+2>."""
-    return f"{SUBNET}.1" if host == "link" else f"{SUBNET}.{int(host.removeprefix('node')) + 2}"
+    """``link`` is .1, ``node<i>`` is .<i+2>, ``guest`` (a host outside the deployment) .200."""
+    if host in ("link", "guest"):
+        return f"{SUBNET}.1" if host == "link" else f"{SUBNET}.200"
+    return f"{SUBNET}.{int(host.removeprefix('node')) + 2}"
 
 
 def link_address() -> str:
@@ -224,8 +226,26 @@ def node_dir(dep: Deployment, node: int) -> Path:
     return dep.root / f"node-{node}"
 
 
-def start_supernode(dep: Deployment, node: int) -> int:
-    """SuperNode ``node`` on its host, with its own key and state directory."""
+def node_status(dep: Deployment, node: int) -> str:
+    """The SuperLink's status of SuperNode ``node`` (registered, online, offline, ...)."""
+    listed = subprocess.run([str(BIN / "flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+                            env=dep.env, capture_output=True, text=True).stdout
+    nodes = json.loads(listed[listed.find("{"):] or "{}").get("nodes", [])
+    wanted = str(dep.node_ids.get(str(node)))
+    return next((n["status"] for n in nodes if n["node-id"] == wanted), "unknown")
+
+
+def start_supernode(dep: Deployment, node: int, rejoin: bool = False, wait: float = 120) -> int:
+    """SuperNode ``node`` on its host, with its own key and state directory.
+
+    ``rejoin``: Flower 1.41 refuses to activate a node id the SuperLink still counts as online,
+    and a crashed node stays online until its heartbeat lapses (2 x 30 s): wait for that.
+    """
+    deadline = time.monotonic() + wait
+    while rejoin and dep.auth and node_status(dep, node) == "online":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the SuperLink still counts node-{node} online after {wait:.0f} s")
+        time.sleep(3)
     state = node_dir(dep, node) / "state"
     state.mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(dep.security, node, dep.nodes, link_address(), str(state))
@@ -241,6 +261,36 @@ def stop_supernode(dep: Deployment, node: int, sig: int = signal.SIGKILL) -> Non
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(leftover), sig)
     dep.save()
+
+
+def guest(dep: Deployment, key: Path | None, tls: bool, timeout: float = 60) -> dict:
+    """Try to join the deployment as a SuperNode from a host outside it (``pfd-guest``), with
+    ``key`` (none: no authentication) and with or without TLS: a drill showing that the
+    SuperLink refuses a node whose key is not registered, or one that speaks plain HTTP.
+
+    Returns the SuperNode's exit code (None: still connected after ``timeout`` s, then
+    killed), how many messages it received, and its log file.
+    """
+    if f"{PREFIX}-guest" not in our_namespaces():
+        add_host("guest")
+    root = dep.root / "guest"
+    sec = Security(str(dep.root / "pki"), tls=tls, auth=key is not None)
+    cmd = supernode_command(sec, 0, dep.nodes, link_address(), str(root / "state"), key=str(key))
+    cmd += ["--max-retries", "2", "--max-wait-time", "10"]
+    log = root / f"try-{len(list(root.glob('try-*.log'))) if root.exists() else 0}.log"
+    pid = start(dep, "guest", "guest", cmd, log)
+    code = None
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        deadline = time.monotonic() + timeout
+        while code is None and time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            code = os.waitstatus_to_exitcode(status) if done else None
+            time.sleep(0.2)
+    if code is None:
+        kill_group(pid)
+    dep.pids.pop("guest", None)
+    dep.save()
+    return {"exit_code": code, "received": log.read_text().count("Receiving:"), "log": str(log)}
 
 
 def up(root: Path, nodes: int, tls: bool = True, auth: bool = True) -> Deployment:
@@ -293,57 +343,80 @@ def status(root: Path) -> dict:
 
 
 # --- docker/compose.yaml ------------------------------------------------------------------------
-def compose(nodes: int) -> str:
-    """docker/compose.yaml: the same commands in containers (see the file's header)."""
+def compose(nodes: int) -> dict:
+    """docker/compose.yaml as a dict: the SuperLink, a one-shot ``register`` service and one
+    SuperNode per client, running ``superlink_command``/``supernode_command``."""
     sec = Security("/pki")
-    lines = [COMPOSE_HEADER.format(nodes=nodes).rstrip(), "services:", "  superlink:",
-             "    <<: *pflower",
-             f"    command: {json.dumps(superlink_command(sec, '/state/superlink.db'))}",
-             "    # The operator submits from this host only: loopback unless PFLOWER_BIND says otherwise.",
-             f'    ports: ["${{PFLOWER_BIND:-127.0.0.1}}:{PORT}:{PORT}"]',
-             "    volumes:", "      - superlink-state:/state", "      - ./outputs:/app/outputs",
-             "      - ./pki/ca.crt:/pki/ca.crt:ro", "      - ./pki/server.pem:/pki/server.pem:ro",
-             "      - ./pki/server.key:/pki/server.key:ro", "",
-             "  register:", "    <<: *pflower", "    depends_on: [superlink]", '    restart: "no"',
-             "    environment: {FLWR_HOME: /flwr}",
-             "    command: [\"python\", \"/app/deploy/netns.py\", \"register-all\", "
-             f"\"--nodes\", \"{nodes}\", \"--pki\", \"/pki\", \"--superlink\", \"superlink:{PORT}\"]",
-             "    volumes:", "      - ./pki:/pki:ro", ""]
+    image = {"build": {"context": "..", "dockerfile": "docker/Dockerfile"}, "image": "pflower:latest",
+             # Files written into ./outputs and the volumes belong to the host user who started compose.
+             "user": "${PFLOWER_UID:-1000}:${PFLOWER_GID:-1000}",
+             "environment": {"FLWR_HOME": "/state/.flwr"}}
+    services: dict = {"superlink": {
+        **image, "command": superlink_command(sec, "/state/superlink.db"),
+        # The Control API shares this port: published on loopback unless PFLOWER_BIND says so.
+        "ports": [f"${{PFLOWER_BIND:-127.0.0.1}}:{PORT}:{PORT}"],
+        "volumes": ["superlink-state:/state", "./outputs:/app/outputs",
+                    *[f"./pki/{f}:/pki/{f}:ro" for f in ("ca.crt", "server.pem", "server.key")]]}}
+    services["register"] = {
+        **image, "environment": {"FLWR_HOME": "/tmp/flwr"}, "depends_on": ["superlink"], "restart": "no",
+        "command": ["python", "/app/deploy/netns.py", "register-all", "--nodes", str(nodes),
+                    "--pki", "/pki", "--superlink", f"superlink:{PORT}"],
+        "volumes": [f"./pki/{f}:/pki/{f}:ro" for f in ["ca.crt", *[f"node-{i}.pub" for i in range(nodes)]]]}
     for i in range(nodes):
-        cmd = supernode_command(sec, i, nodes, f"superlink:{PORT}", "/state")
-        lines += [f"  supernode-{i}:", "    <<: *supernode", f"    command: {json.dumps(cmd)}",
-                  "    volumes:", f"      - supernode-{i}-state:/state",
-                  "      - ./pki/ca.crt:/pki/ca.crt:ro",
-                  f"      - ./pki/node-{i}.key:/pki/node-{i}.key:ro"]
-    lines += ["", "volumes:", "  superlink-state:", *[f"  supernode-{i}-state:" for i in range(nodes)]]
-    return "\n".join(lines) + "\n"
+        services[f"supernode-{i}"] = {
+            **image, "depends_on": {"register": {"condition": "service_completed_successfully"}},
+            "restart": "unless-stopped",
+            "command": supernode_command(sec, i, nodes, f"superlink:{PORT}", "/state"),
+            "volumes": [f"supernode-{i}-state:/state", "./pki/ca.crt:/pki/ca.crt:ro",
+                        f"./pki/node-{i}.key:/pki/node-{i}.key:ro"]}
+    volumes = {"superlink-state": None, **{f"supernode-{i}-state": None for i in range(nodes)}}
+    return {"services": services, "volumes": volumes}
 
 
-COMPOSE_HEADER = """\
-# GENERATED by `python deploy/netns.py compose --nodes {nodes} > docker/compose.yaml`: edit
-# deploy/netns.py (superlink_command, supernode_command), not this file; the tests check
-# that both run the same commands.
+def gpu_overlay(nodes: int) -> dict:
+    """docker/gpu.yaml: every SuperNode gets the host's NVIDIA GPUs (its ClientApps use CUDA)."""
+    gpus = {"resources": {"reservations": {"devices": [
+        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}
+    return {"services": {f"supernode-{i}": {"deploy": gpus} for i in range(nodes)}}
+
+
+def compose_text(nodes: int, gpu: bool = False) -> str:
+    """The text of docker/compose.yaml (``gpu``: docker/gpu.yaml): a header, then the YAML."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data) -> bool:  # every service spelled out, no &anchors
+            return True
+
+    header = (GPU_HEADER if gpu else COMPOSE_HEADER).format(nodes=nodes)
+    body = yaml.dump(gpu_overlay(nodes) if gpu else compose(nodes), Dumper=Dumper, sort_keys=False,
+                     width=200, default_flow_style=None)
+    return header + body
+
+
+GENERATED = """\
+# GENERATED by `python deploy/netns.py compose --nodes {nodes}{gpu} > docker/{name}`: edit
+# deploy/netns.py (compose, superlink_command, supernode_command), not this file;
+# tests/test_docker_files.py checks that both run the same commands.
+"""
+COMPOSE_HEADER = GENERATED.replace("{gpu}", "").replace("{name}", "compose.yaml") + """\
 #
 # A secure pflower deployment on one Docker host: TLS, SuperNode authentication, a SuperLink
 # and one SuperNode per client of the default federation, each with its own state volume.
-#   python deploy/netns.py certs --pki docker/pki --nodes {nodes}    # CA, server cert, node keys
-#   docker compose -f docker/compose.yaml up --build -d                # (+ -f docker/gpu.yaml)
-#   FLWR_HOME=docker/pki/flwr flwr run . pflower-netns --stream --run-config 'overrides="strategy=lgmix"'
-# The `register` service registers every SuperNode's public key with the SuperLink; a
-# SuperNode whose key is not registered is refused. See docs/deployment.md.
-x-pflower: &pflower
-  build:
-    context: ..
-    dockerfile: docker/Dockerfile
-  image: pflower:latest
-  # Files written into ./outputs belong to the user who started compose (export UID GID).
-  user: "${{UID:-1000}}:${{GID:-1000}}"
-
-x-supernode: &supernode
-  <<: *pflower
-  depends_on:
-    register: {{condition: service_completed_successfully}}
-  restart: unless-stopped
+#   python deploy/netns.py certs --pki docker/pki --nodes {nodes}   # CA, server cert, node keys
+#   mkdir -p docker/outputs
+#   PFLOWER_UID=$(id -u) PFLOWER_GID=$(id -g) docker compose -f docker/compose.yaml up --build -d
+#   FLWR_HOME=docker/pki/flwr flwr run . pflower-netns --stream \\
+#     --run-config 'overrides="strategy=lgmix"'
+# `register` registers every SuperNode's public key with the SuperLink (a SuperNode whose key
+# is not registered is refused). The SuperLink's one port also serves the Control API, which
+# runs submitted code: it is published on 127.0.0.1 unless PFLOWER_BIND says otherwise.
+# GPUs: add `-f docker/gpu.yaml`. See docs/deployment.md.
+"""
+GPU_HEADER = GENERATED.replace("{gpu}", " --gpu").replace("{name}", "gpu.yaml") + """\
+#
+# GPU overlay: docker compose -f docker/compose.yaml -f docker/gpu.yaml up -d
+# (needs the NVIDIA Container Toolkit on the host).
 """
 
 
@@ -378,12 +451,17 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("stop-node", "start-node"):
         p = sub.add_parser(name, help=f"{name.split('-')[0]} one SuperNode (same key and state)")
         p.add_argument("node", type=int)
+    p_guest = sub.add_parser("guest", help="try to join as a SuperNode from outside (should be refused)")
+    p_guest.add_argument("--key", type=Path, help="private key (default: no authentication)")
+    p_guest.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS")
+    p_guest.add_argument("--timeout", type=float, default=60)
     p_certs = sub.add_parser("certs", help="CA, SuperLink certificate and SuperNode keys only")
     p_certs.add_argument("--pki", type=Path, required=True)
     p_certs.add_argument("--nodes", type=int, default=10)
     p_certs.add_argument("--names", nargs="+", default=["superlink", "localhost", "127.0.0.1"])
-    p_compose = sub.add_parser("compose", help="print docker/compose.yaml")
+    p_compose = sub.add_parser("compose", help="print docker/compose.yaml (--gpu: docker/gpu.yaml)")
     p_compose.add_argument("--nodes", type=int, default=10)
+    p_compose.add_argument("--gpu", action="store_true")
     p_reg = sub.add_parser("register-all", help="register node-<i>.pub keys (compose's register)")
     p_reg.add_argument("--nodes", type=int, required=True)
     p_reg.add_argument("--pki", type=Path, required=True)
@@ -400,7 +478,7 @@ def run_command(args: argparse.Namespace) -> None:
         ca = str((args.pki / "ca.crt").resolve())
         (args.pki / "flwr" / "config.toml").write_text(connection_toml(f"127.0.0.1:{PORT}", ca))
     elif args.command == "compose":
-        sys.stdout.write(compose(args.nodes))
+        sys.stdout.write(compose_text(args.nodes, args.gpu))
     elif args.command == "register-all":
         register_all(args.nodes, args.pki, args.superlink)
     elif args.command == "up":
@@ -414,8 +492,10 @@ def run_command(args: argparse.Namespace) -> None:
         print(json.dumps(status(args.dir), indent=1))
     elif args.command == "stop-node":
         stop_supernode(Deployment.load(args.dir), args.node)
+    elif args.command == "guest":
+        print(json.dumps(guest(Deployment.load(args.dir), args.key, not args.insecure, args.timeout)))
     elif args.command == "start-node":
-        start_supernode(Deployment.load(args.dir), args.node)
+        start_supernode(Deployment.load(args.dir), args.node, rejoin=True)
 
 
 if __name__ == "__main__":

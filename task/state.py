@@ -19,20 +19,34 @@ holds none (see ``PersonalState.disk_only``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Context
+from flwr.common import log
 
 from task.outputs import atomic_write
 from task.params import decode, encode
 
 StateDict = dict[str, torch.Tensor]
 META = "__round__"
+
+
+def state_digest(arrays: dict[str, np.ndarray]) -> str:
+    """A short hash of a saved state's arrays (names, dtypes, shapes, bytes), as logged when a
+    restarted node reads its state back from disk: operators and tests can check it."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()[:16]
 
 
 class _Version:
@@ -175,6 +189,9 @@ class PersonalState:
                 with np.load(path, allow_pickle=False) as data:
                     arrays = {k: data[k] for k in data.files if k != META}
                     out.append((int(data[META]), arrays))
+                # Read from disk only when context.state lacks it: a restarted node or a resume.
+                log(INFO, "client state %s of round %s read from %s (digest %s)",
+                    f"{self.prefix}{name}", out[-1][0], path, state_digest(arrays))
         return sorted(out, key=lambda v: -v[0])
 
     def _atomic_savez(self, filename: str, arrays: dict[str, np.ndarray]) -> None:

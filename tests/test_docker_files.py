@@ -1,4 +1,5 @@
-"""docker/ must describe the deployment the code expects (no Docker engine here to run it)."""
+"""docker/ must describe the deployment the code expects (no Docker engine here to run it), and
+run the same commands as deploy/netns.py (the namespace deployment the e2e tests bring up)."""
 
 from __future__ import annotations
 
@@ -8,34 +9,77 @@ from pathlib import Path
 
 import yaml
 
+from deploy import netns
 from task.config import compose_config
 from task.data import build_federation
 
 ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = len(build_federation(compose_config("")).clients)
 
 
-def test_compose_runs_one_supernode_per_default_client_against_the_superlink():
-    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
-    services = compose["services"]
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / "docker" / name).read_text())
+
+
+def flags(command: list[str]) -> list[str]:
+    """The options a command passes (values that are paths or addresses differ by setting)."""
+    return [a for a in command if a.startswith("--")]
+
+
+def test_compose_files_are_generated_from_the_namespace_script():
+    # Regenerate with: python deploy/netns.py compose --nodes 10 [--gpu] > docker/...
+    assert (ROOT / "docker" / "compose.yaml").read_text() == netns.compose_text(CLIENTS)
+    assert (ROOT / "docker" / "gpu.yaml").read_text() == netns.compose_text(CLIENTS, gpu=True)
+
+
+def test_every_service_runs_what_the_namespace_deployment_runs():
+    services = load("compose.yaml")["services"]
+    lab = netns.Security("/tmp/lab/pki")  # the namespace deployment's defaults: TLS and auth on
     link = services["superlink"]["command"]
-    assert link[0] == "flower-superlink" and link[link.index("--port") + 1] == "9091"
-    clients = len(build_federation(compose_config("")).clients)
-    seen = []
+    assert link[0] == "flower-superlink" and link[link.index("--port") + 1] == str(netns.PORT)
+    assert flags(link) == flags(netns.superlink_command(lab, "/tmp/lab/superlink.db"))
+    assert {"--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"} <= set(link)
+    seen, volumes = [], set()
     for name, service in services.items():
         if not name.startswith("supernode-"):
             continue
         cmd = service["command"]
-        assert cmd[0] == "flower-supernode" and cmd[cmd.index("--superlink") + 1] == "superlink:9091"
         node_config = dict(kv.split("=", 1) for kv in shlex.split(cmd[cmd.index("--node-config") + 1]))
-        assert int(node_config["num-partitions"]) == clients
-        assert node_config["state-dir"] == "/state"
-        seen.append(int(node_config["partition-id"]))
-    assert sorted(seen) == list(range(clients))
+        cid = int(node_config["partition-id"])
+        expected = netns.supernode_command(lab, cid, CLIENTS, netns.link_address(), "/tmp/lab/state")
+        assert flags(cmd) == flags(expected) and "--insecure" not in cmd
+        assert cmd[cmd.index("--superlink") + 1] == f"superlink:{netns.PORT}"
+        assert int(node_config["num-partitions"]) == CLIENTS and node_config["state-dir"] == "/state"
+        # Its own key and its own state volume: no SuperNode reads another client's state.
+        assert f"./pki/node-{cid}.key:/pki/node-{cid}.key:ro" in service["volumes"]
+        state = [v for v in service["volumes"] if v.endswith(":/state")]
+        assert len(state) == 1 and state[0] not in volumes
+        volumes.add(state[0])
+        seen.append(cid)
+    assert sorted(seen) == list(range(CLIENTS))
+    registered = services["register"]["command"]
+    assert registered[registered.index("--nodes") + 1] == str(CLIENTS)
 
 
-def test_image_holds_every_file_the_flower_app_bundle_needs():
+def test_control_api_is_published_on_loopback_and_outputs_belong_to_the_host_user():
+    services = load("compose.yaml")["services"]
+    assert services["superlink"]["ports"] == [f"${{PFLOWER_BIND:-127.0.0.1}}:{netns.PORT}:{netns.PORT}"]
+    assert all("ports" not in s for n, s in services.items() if n != "superlink")
+    assert all(s["user"].startswith("${PFLOWER_UID") for s in services.values())
+
+
+def test_gpu_overlay_reserves_nvidia_devices_for_every_supernode():
+    services = load("gpu.yaml")["services"]
+    assert sorted(services) == sorted(f"supernode-{i}" for i in range(CLIENTS))
+    for service in services.values():
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
+def test_image_holds_every_file_the_flower_app_bundle_and_the_register_service_need():
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     copied = " ".join(re.findall(r"^COPY (.+) \S+$", dockerfile, flags=re.M))
-    for needed in ("pyproject.toml", "server_app.py", "client_app.py", "strategies", "task", "conf"):
+    needs = ("pyproject.toml", "server_app.py", "client_app.py", "strategies", "task", "conf", "deploy")
+    for needed in needs:
         assert needed in copied, needed
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in dockerfile
