@@ -86,7 +86,8 @@ QUANTILE = Field(float, 0.0, 1.0, low_open=True, high_open=True)
 register_strategy_schema("clustered", {
     "num_clusters": COUNT, "quantile": QUANTILE, "tc_iterations": COUNT, "oracle": Field(bool),
     "tc_over": Field(str, choices=("assigned", "all")), "aggregate": Field(str, choices=("tc", "aggregator")),
-    "stay_radius": Field(float, 0.0),
+    "stay_radius": Field(float, 0.0), "worker_momentum": Field(float, 0.0, 1.0, high_open=True),
+    "duplicate_tolerance": Field(float, 0.0),
 })
 register_strategy_schema("clustered_per_client", {"quantile": QUANTILE, "tc_iterations": COUNT})
 
@@ -97,35 +98,81 @@ def float_entries(state: StateDict) -> StateDict:
 
 
 # --- pure steps ---------------------------------------------------------------------------
+def worker_momentum(previous: StateDict | None, delta: StateDict, beta: float) -> StateDict:
+    """m_i <- beta m_i + (1 - beta) delta_i, from m_i = 0 where there is none yet."""
+    if previous is None:
+        return {k: (1 - beta) * v for k, v in delta.items()}
+    return {k: beta * previous[k].to(v) + (1 - beta) * v for k, v in delta.items()}
+
+
+def debiased(momentum: StateDict, beta: float, steps: int) -> StateDict:
+    """m_i / (1 - beta^t) after t steps: a weighted mean of the t updates (weights beta^(t-s)),
+    on the scale of one update however few rounds the client has had (Adam's bias correction)."""
+    return {k: v / (1 - beta ** steps) for k, v in momentum.items()}
+
+
 def pairwise_distances(X: torch.Tensor) -> torch.Tensor:
     """||x_i - x_j|| for the rows of X, in float64."""
     X = X.to(torch.float64)
     return torch.cdist(X, X)
 
 
+def main_body(X: torch.Tensor) -> list[int]:
+    """Rows within twice the median distance to the coordinate-wise median: the bulk of the
+    population. A group of like uploads far from it (sign- or bit-flipped updates, Gaussian
+    noise) is left out, as long as it is a minority."""
+    centre = robust.median(X).value.to(torch.float64)
+    d = (X.to(torch.float64) - centre).norm(dim=1)
+    return [i for i in range(len(X)) if d[i] <= 2 * d.median()]
+
+
 def seed_centres(X: torch.Tensor, k: int, quantile: float) -> list[int]:
-    """Row indices of K seed updates: farthest-first over the dense rows (see the module doc).
+    """Row indices of K seed updates: farthest-first over the dense rows of the main body.
 
     A row is dense where its distance to its m-th nearest other row, m = max(1, floor(n q / 2)),
-    is at most twice the median of that distance over all rows: a lone outlier, or a group of
+    is at most twice the median of that distance over the body: a lone outlier, or a group of
     fewer than m + 1 like uploads, is not (half the q-share of the population that TC assumes
     of a cluster, so that an honest cluster that lost some clients to Byzantine ones stays dense).
+    The traversal starts at the dense row farthest from the coordinate-wise median.
     """
     n = len(X)
     if n <= k:
         return list(range(n))
+    body = main_body(X)
+    if len(body) <= k:
+        body = list(range(n))
     D = pairwise_distances(X)
-    m = min(n - 1, max(1, int(n * quantile / 2)))
-    radius = torch.sort(D, dim=1).values[:, m]  # column 0 is the row itself
-    dense = [i for i in range(n) if radius[i] <= 2 * radius.median()]
+    m = min(len(body) - 1, max(1, int(n * quantile / 2)))
+    radius = torch.sort(D[body][:, body], dim=1).values[:, m]  # column 0 is the row itself
+    dense = [i for i, r in zip(body, radius, strict=True) if r <= radius.median()]
     centre = robust.median(X).value.to(torch.float64)
     from_median = (X.to(torch.float64) - centre).norm(dim=1)
     seeds = [max(dense, key=lambda i: float(from_median[i]))]
     while len(seeds) < k:
         nearest = D[:, seeds].min(dim=1).values
-        candidates = [i for i in dense if i not in seeds] or [i for i in range(n) if i not in seeds]
+        candidates = [i for i in dense if i not in seeds] or [i for i in body if i not in seeds]
         seeds.append(max(candidates, key=lambda i: float(nearest[i])))
     return seeds
+
+
+def initial_clusters(X: torch.Tensor, k: int, quantile: float,
+                     iterations: int = 20) -> tuple[list[int], torch.Tensor]:
+    """Round-1 grouping: K seeds (``seed_centres``), refined by Lloyd's iterations over the main
+    body with coordinate-wise medians as centres (a seed is an extreme row of its group, so
+    nearest-seed groups cut clusters; the medians move to the groups' middles). Returns every
+    row's nearest centre and the K centres."""
+    body = main_body(X)
+    if len(body) <= k:
+        body = list(range(len(X)))
+    centres = X[seed_centres(X, k, quantile)].clone()
+    for _ in range(iterations):
+        labels = nearest_centre(X[body], centres)
+        groups = [[i for i, lab in zip(body, labels, strict=True) if lab == j] for j in range(k)]
+        moved = torch.stack([robust.median(X[g]).value if g else centres[j] for j, g in enumerate(groups)])
+        if torch.equal(moved, centres):
+            break
+        centres = moved
+    return nearest_centre(X, centres), centres
 
 
 def nearest_centre(X: torch.Tensor, centres: torch.Tensor) -> list[int]:
@@ -185,6 +232,7 @@ class Clustered(PFLStrategy):
     """Server half: K cluster models and update centres, per-cluster TC, reassignment."""
 
     name = "clustered"
+    keeps_client_state = True  # each client's worker momentum m_i
     has_global_model = False
     upload_is_update = True
 
@@ -197,6 +245,7 @@ class Clustered(PFLStrategy):
         self.assignment: dict[int, int] = {}
         self.started = False  # False until the first aggregation: all K models still identical
         self._trained_on: dict[int, int] = {}
+        self.momentum_cluster: dict[int, int] = {}  # the cluster each client's m_i belongs to
         self._ari: float | None = None
 
     # --- assignment --------------------------------------------------------------------
@@ -211,6 +260,12 @@ class Clustered(PFLStrategy):
     def train_arrays(self, cid, server_round):
         self._trained_on[cid] = self.cluster_of(cid)
         return self.models[self._trained_on[cid]]
+
+    def train_config(self, cid, server_round):
+        # m_i averages updates of one cluster model; a client sent another one starts afresh.
+        fresh = self.momentum_cluster.get(cid) != self._trained_on[cid]
+        self.momentum_cluster[cid] = self._trained_on[cid]
+        return {"reset-momentum": fresh}
 
     def expected_upload(self, cid, sent):
         return array_spec(float_entries(sent))
@@ -231,9 +286,8 @@ class Clustered(PFLStrategy):
         if not self.started and not oracle:
             # All K models are the same: group the first updates around K seed updates, where
             # each cluster's TC then starts.
-            seeds = seed_centres(X, self.K, float(self.cfg.strategy.quantile))
-            trained = nearest_centre(X, X[seeds])
-            starts = {k: X[i] for k, i in enumerate(seeds)}
+            trained, seeded = initial_clusters(X, self.K, float(self.cfg.strategy.quantile))
+            starts = dict(enumerate(seeded))
         self.started = True
         centres = self.update_centres(X, trained, replies, keys, starts)
         if oracle:
@@ -279,10 +333,11 @@ class Clustered(PFLStrategy):
                                     center=None if start is None else {"u": start})
             return merged["u"]
         pool = X if self.cfg.strategy.tc_over == "all" else group
+        pool, merged = robust.collapse_near_duplicates(pool, float(self.cfg.strategy.duplicate_tolerance))
         v0 = robust.median(group).value if start is None else start
         result = robust.threshold_clustering(pool, v0, float(self.cfg.strategy.quantile),
                                              int(self.cfg.strategy.tc_iterations))
-        self.stats.discarded += result.discarded
+        self.stats.discarded += result.discarded + merged
         return result.value
 
     def current_ari(self, replied: list[int]) -> float | None:
@@ -309,6 +364,7 @@ class Clustered(PFLStrategy):
 
     def state_scalars(self):
         return {**super().state_scalars(), "assignment": {str(c): k for c, k in self.assignment.items()},
+                "momentum_cluster": {str(c): k for c, k in self.momentum_cluster.items()},
                 "started": self.started}
 
     def load_state(self, arrays, scalars):
@@ -316,19 +372,27 @@ class Clustered(PFLStrategy):
         self.models = [arrays[f"cluster{k}"] for k in range(self.K)]
         self.centres = [arrays.get(f"centre{k}") for k in range(self.K)]
         self.assignment = {int(c): int(k) for c, k in scalars.get("assignment", {}).items()}
+        self.momentum_cluster = {int(c): int(k) for c, k in scalars.get("momentum_cluster", {}).items()}
         self.started = bool(scalars.get("started", False))
 
 
 class ClusteredClient(ClientMethod):
-    """Client half: train the received cluster model, upload the update, score that model."""
+    """Client half: train the received cluster model, upload the worker momentum of its
+    updates, score that model."""
 
     name = "clustered"
 
     def train(self, received, config):
         model = self.model("main", received)
         loss = self.fit(model, int(config["server-round"]))
-        update = subtract(float_entries(model_state(model)), float_entries(received))
-        return TrainResult(update, self.data.num_train, {"train_loss": loss})
+        delta = subtract(float_entries(model_state(model)), float_entries(received))
+        beta = float(self.cfg.strategy.worker_momentum)
+        fresh = bool(config.get("reset-momentum"))
+        momentum = worker_momentum(None if fresh else self.state.load("momentum"), delta, beta)
+        steps = 1 + (0 if fresh else int(self.state.scalars("momentum-steps").get("steps", 0)))
+        self.state.save("momentum", momentum)
+        self.state.save_scalars({"steps": steps}, "momentum-steps")
+        return TrainResult(debiased(momentum, beta, steps), self.data.num_train, {"train_loss": loss})
 
     def evaluate(self, received, config):
         return self.report(self.model("main", received))

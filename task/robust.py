@@ -142,6 +142,30 @@ def centered_clipping(X: torch.Tensor, center: torch.Tensor, tau: float, iterati
     return Aggregate(v, clipped)
 
 
+def collapse_near_duplicates(X: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, int]:
+    """One row (their mean) for every group of rows closer than ``tolerance`` x the median
+    pairwise distance to the group's first row; returns the rows and how many were merged.
+
+    Colluding clients that send one vector (ALIE, IPM) then count as one upload, not as a
+    block that fills a quantile-based radius (FoolsGold's observation, Fung et al. 2020,
+    that sybils' updates are too alike). Honest uploads differ by their SGD noise, far more
+    than the tolerance, and stay separate; ``tolerance=0`` merges exact copies only.
+    """
+    if len(X) < 3:
+        return X, 0
+    D = torch.cdist(X.to(torch.float64), X.to(torch.float64))
+    pairs = D[torch.triu_indices(len(X), len(X), 1).unbind()]
+    limit = tolerance * float(pairs.median())
+    groups: list[list[int]] = []
+    for i in range(len(X)):
+        home = next((g for g in groups if float(D[g[0], i]) <= limit), None)
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    return torch.stack([X[g].mean(0) for g in groups]), len(X) - len(groups)
+
+
 def tc_radius(distances: torch.Tensor, quantile: float) -> float:
     """tau = 0.99 * d_(k), k = max(1, floor(n * quantile)) (0-based; capped at n - 1)."""
     ordered = torch.sort(distances).values

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 
 from strategies.base import TrainReply
-from strategies.clustered import components, nearest_centre, seed_centres, tc_groups, typical
+from strategies.clustered import (
+    components,
+    debiased,
+    initial_clusters,
+    nearest_centre,
+    seed_centres,
+    tc_groups,
+    typical,
+    worker_momentum,
+)
 from strategies.ifca import bundle, is_bundle, unbundle
 from task.cluster_metrics import cluster_ari
 from task.config import compose_config
@@ -35,6 +44,30 @@ def test_seeding_reaches_ari_1_on_separable_clusters_despite_gaussian_outliers()
     labels = nearest_centre(X, X[seeds])
     honest = {i: labels[i] for i in range(40)}
     assert cluster_ari(honest, truth) == 1.0
+
+
+def test_seeding_leaves_out_mirrored_attackers_and_lloyd_finds_the_clusters():
+    """8 sign-flipped copies of honest rows (-x_i: each alone, mirrored pairs at most) are not
+    dense, win no seed, and the honest rows are grouped exactly."""
+    X, truth = separable()
+    bad = -X[torch.arange(0, 40, 5)]
+    labels, centres = initial_clusters(torch.cat([X, bad]), 4, 0.2)
+    assert len(centres) == 4
+    assert cluster_ari(dict(enumerate(labels[:40])), truth) == 1.0
+    for s in seed_centres(torch.cat([X, bad]), 4, 0.2):
+        assert s < 40
+
+
+def test_worker_momentum_debiased_is_a_weighted_mean_of_the_updates():
+    beta = 0.9
+    delta = {"w": torch.tensor([1.0, -2.0])}
+    m = worker_momentum(None, delta, beta)
+    assert torch.allclose(debiased(m, beta, 1)["w"], delta["w"])  # the first upload is the update
+    for t in range(2, 6):
+        m = worker_momentum(m, delta, beta)
+        assert torch.allclose(debiased(m, beta, t)["w"], delta["w"])  # equal updates: their mean
+    other = worker_momentum(worker_momentum(None, delta, beta), {"w": torch.zeros(2)}, beta)
+    assert torch.allclose(debiased(other, beta, 2)["w"], delta["w"] * beta / (1 + beta))
 
 
 def test_per_client_tc_groups_are_the_clusters():
@@ -122,6 +155,27 @@ def test_clustered_client_uploads_its_update_and_scores_the_cluster_model():
     assert max(float(v.abs().max()) for v in result.upload.values()) < 5.0
     scores = method.evaluate(received, {"server-round": 1})
     assert 0.0 <= scores["accuracy"] <= 1.0 and "global_accuracy" not in scores
+
+
+def test_clustered_client_uploads_its_worker_momentum_and_starts_afresh_when_told():
+    cfg = compose_config(f"{RELABEL} strategy=clustered strategy.num_clusters=2")
+    context = make_context(0)
+    received = client(cfg, 0, context).initial_state()
+
+    def upload(server_round: int, **config):
+        method = client(cfg, 0, context, server_round)
+        result = method.train(received, {"server-round": server_round, **config}).upload
+        after = client(cfg, 0, context, server_round, after=True)
+        return result, after.state.load("momentum"), after.state.scalars("momentum-steps")["steps"]
+
+    first, m1, steps = upload(1)
+    assert steps == 1 and all(torch.allclose(first[k], m1[k] / 0.1) for k in first)  # m_1 = 0.1 delta_1
+    second, m2, steps = upload(2)
+    assert steps == 2 and all(torch.allclose(second[k], m2[k] / (1 - 0.9 ** 2)) for k in second)
+    delta2 = {k: (m2[k] - 0.9 * m1[k]) / 0.1 for k in m2}  # this round's update alone
+    assert not all(torch.allclose(second[k], delta2[k], atol=1e-6) for k in second)
+    fresh, m3, steps = upload(3, **{"reset-momentum": True})
+    assert steps == 1 and all(torch.allclose(fresh[k], m3[k] / 0.1) for k in fresh)
 
 
 def test_clustered_round_loop_under_gaussian_attack_finds_the_clusters():

@@ -130,3 +130,27 @@ def test_default_aggregator_is_the_weighted_mean():
     uploads = [{k: torch.full_like(st.global_state[k], v) for k in keys} for v in (0.0, 1.0)]
     st.aggregate_replies(1, [TrainReply(0, uploads[0], 10, {}), TrainReply(1, uploads[1], 30, {})])
     assert torch.equal(st.global_state[keys[0]], weighted_mean(uploads, [10, 30])[keys[0]])
+
+
+def test_collapse_merges_colluding_copies_and_keeps_noisy_honest_rows_apart():
+    honest, _ = honest_and_byzantine(n_bad=0)
+    copies = torch.full((8, honest.shape[1]), 0.5)
+    rows, merged = robust.collapse_near_duplicates(torch.cat([honest, copies]), 0.1)
+    assert merged == 7 and len(rows) == len(honest) + 1
+    assert torch.equal(rows[: len(honest)], honest) and torch.allclose(rows[-1], copies[0])
+    rows, merged = robust.collapse_near_duplicates(honest, 0.1)
+    assert merged == 0 and torch.equal(rows, honest)
+
+
+def test_tc_over_collapsed_rows_is_not_captured_by_a_block_of_copies():
+    """8 honest rows and 8 identical rows nearer the start than any honest one: TC over the
+    raw rows stays at the copies' side; over the collapsed rows the honest mean wins."""
+    honest, _ = honest_and_byzantine(n_bad=0)
+    start = honest.mean(0) + 0.3
+    copies = (start + 0.05).expand(8, -1)
+    X = torch.cat([honest, copies])
+    raw = robust.threshold_clustering(X, start, 0.5, 10).value
+    rows, _ = robust.collapse_near_duplicates(X, 0.1)
+    collapsed = robust.threshold_clustering(rows, start, 0.5, 10).value
+    to_honest = lambda v: float((v - honest.mean(0)).norm())  # noqa: E731
+    assert to_honest(collapsed) < 0.5 * to_honest(raw)
