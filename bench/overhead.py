@@ -1,26 +1,29 @@
-"""Flower's overhead: the same FedAvg job through ``flwr run`` simulation and as a plain loop.
+"""Flower's overhead: the same FedAvg job through ``flwr run`` simulation and as plain loops.
 
 Side by side in one run, on the default federation (``strategy=fedavg``, built-in digits,
-10 clients, ``digit_cnn_small``):
+10 clients, ``digit_cnn_small``; ``--overrides model=digit_cnn`` for a longer client step):
 
-- ``flwr``: ``flwr run`` in simulation, 10 SuperNodes with 1 CPU each (as ``pflower-sim``
-  launches it), against a local SuperLink in a temporary FLWR_HOME on its own ports; the
-  SuperLink and everything it spawned is stopped afterwards. Per-round times are the
-  server's own (``seconds`` in metrics.jsonl); start-up is the command's wall time less
-  the rounds.
-- ``plain``: one Python process, the same work with the same ``task/`` modules: the same
-  federation tensors, ``build_model`` under the same seed, the same client sampling,
-  ``train_epochs`` with the same per-(client, round) generators, the same sample-weighted
-  mean (clients in id order), and every client's evaluation of the global model on its own
-  test split after every round (``eval_every=1``, as the real run). Clients run one after
-  another with ``client_threads`` torch threads (1, as each ClientApp in simulation) and,
-  with ``--all-cores``, with all the machine's cores.
+- ``flwr``: ``flwr run`` in simulation, 10 SuperNodes, 2 ClientApp actors with 1 CPU each (as
+  ``pflower-sim`` launches it on 2 cores), against a local SuperLink in a temporary FLWR_HOME
+  on its own ports; the SuperLink and everything it spawned is stopped afterwards. Per-round
+  times are the server's own (``seconds`` in metrics.jsonl); start-up is the command's wall
+  time less the rounds. CPU time: everything the run started (SuperLink, simulation process,
+  Ray's daemons, the actors), read from /proc at the end of every round.
+- ``plain``: the same work with the same ``task/`` modules (federation tensors, ``build_model``
+  under the same seed, the same client sampling, ``train_epochs`` with the same per-(client,
+  round) generators, the same sample-weighted mean, every client's evaluation of the global
+  model on its own test split every round), as
+    - 1 process x 1 thread (one client after another, as before: 1 core);
+    - 2 processes x 1 thread: persistent worker processes (data and model built once) train
+      and evaluate disjoint halves of the clients in parallel; the main process samples and
+      averages (the same cores the simulation uses, the same arithmetic);
+    - 1 process x 2 threads: torch's intra-op threads.
 
-Both must reach the same accuracies (the plain loop with one thread reproduces the
-simulation's arithmetic); the script prints the last round's mean personal accuracy of
-each. Usage:
+The headline compares ``flwr run`` with the faster of the two 2-core plain loops (wall and
+CPU time per round, rounds 2..) and prints Flower's fixed cost per message. All must reach
+the same final accuracy; the script prints each. Usage:
 
-    .venv/bin/python bench/overhead.py [--rounds 20] [--overrides "local_epochs=2"] [--repeats 1]
+    .venv/bin/python bench/overhead.py [--rounds 20] [--overrides "model=digit_cnn"] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -51,6 +54,32 @@ from task.training import evaluate, step_generator, train_epochs  # noqa: E402
 
 
 # --------------------------------------------------------------------------- plain loop
+def train_clients(cfg, fed, model, initial: dict, global_state: dict, cids: list[int],
+                  server_round: int) -> tuple[list[dict], list[int]]:
+    """FedAvg's client step for ``cids``, one after another: (trained states, sample counts)."""
+    states, weights = [], []
+    for cid in cids:
+        data = fed.clients[cid]
+        load_partial(model, initial)
+        load_partial(model, global_state)
+        train_epochs(model, data.x_train, data.y_train, epochs=int(cfg.local_epochs),
+                     batch_size=int(cfg.batch_size), lr=float(cfg.lr),
+                     gen=step_generator(int(cfg.seed), cid, server_round, 0))
+        states.append(model_state(model))
+        weights.append(data.num_train)
+    return states, weights
+
+
+def evaluate_clients(fed, model, initial: dict, global_state: dict, cids: list[int]) -> list[float]:
+    accs = []
+    for cid in cids:
+        data = fed.clients[cid]
+        load_partial(model, initial)
+        load_partial(model, global_state)
+        accs.append(evaluate(model, data.x_test, data.y_test)[1])
+    return accs
+
+
 def plain_run(overrides: str, threads: int) -> dict:
     """The FedAvg job as a plain PyTorch loop; returns per-round seconds and accuracies."""
     began = time.perf_counter()
@@ -71,26 +100,81 @@ def plain_run(overrides: str, threads: int) -> dict:
     for server_round in range(1, int(cfg.num_rounds) + 1):
         t0, c0 = time.perf_counter(), time.process_time()
         sampled = sorted(int(c) for c in rng.choice(n, size=size, replace=False))
-        states, weights = [], []
-        for cid in sampled:
-            data = fed.clients[cid]
-            load_partial(model, initial)
-            load_partial(model, global_state)
-            train_epochs(model, data.x_train, data.y_train, epochs=int(cfg.local_epochs),
-                         batch_size=int(cfg.batch_size), lr=float(cfg.lr),
-                         gen=step_generator(seed, cid, server_round, 0))
-            states.append(model_state(model))
-            weights.append(data.num_train)
+        states, weights = train_clients(cfg, fed, model, initial, global_state, sampled, server_round)
         global_state.update(weighted_mean(states, weights))
         if server_round % int(cfg.eval_every) == 0 or server_round == int(cfg.num_rounds):
-            accs = []
-            for data in fed.clients:
-                load_partial(model, initial)
-                load_partial(model, global_state)
-                accs.append(evaluate(model, data.x_test, data.y_test)[1])
-            acc = float(np.mean(accs))
+            acc = float(np.mean(evaluate_clients(fed, model, initial, global_state, list(range(n)))))
         rounds.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+    return {"total": time.perf_counter() - began, "startup": startup, "rounds": rounds, "cpu": cpu,
+            "accuracy": acc}
+
+
+# Each worker process of the parallel plain loop: its own copy of the federation and model.
+_WORKER: dict = {}
+
+
+def _worker_init(overrides: str) -> None:
+    torch.set_num_threads(1)
+    cfg = compose_config(overrides)
+    fed = load_federation(cfg, torch.device("cpu"))
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model, fed.input_shape, fed.num_classes)
+    _WORKER.update(cfg=cfg, fed=fed, model=model, initial=model_state(model))
+
+
+def _worker_train(job: tuple[dict, list[int], int]) -> tuple[list[dict], list[int], float]:
+    began = time.process_time()
+    w = _WORKER
+    states, weights = train_clients(w["cfg"], w["fed"], w["model"], w["initial"], *job)
+    return states, weights, time.process_time() - began
+
+
+def _worker_evaluate(job: tuple[dict, list[int]]) -> tuple[list[float], float]:
+    began = time.process_time()
+    w = _WORKER
+    return evaluate_clients(w["fed"], w["model"], w["initial"], *job), time.process_time() - began
+
+
+def plain_parallel_run(overrides: str, workers: int) -> dict:
+    """The plain loop on ``workers`` cores: persistent worker processes (1 torch thread each,
+    data and model built once) train and evaluate disjoint halves of the clients; the main
+    process samples and averages exactly as ``plain_run`` (same clients, same order, same
+    arithmetic). CPU time counts the main process and the workers' tasks."""
+    import multiprocessing
+
+    began = time.perf_counter()
+    cfg = compose_config(overrides)
+    n = len(load_federation(cfg, torch.device("cpu")).clients)
+    pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (overrides,))
+    try:
+        pool.map(time.sleep, [0.0] * workers)  # every worker has run its initializer
+        torch.manual_seed(int(cfg.seed))
+        fed = load_federation(cfg, torch.device("cpu"))
+        global_state = model_state(build_model(cfg.model, fed.input_shape, fed.num_classes))
+        rng = np.random.default_rng(int(cfg.seed))
+        size = max(1, min(n, round(float(cfg.fraction_train) * n)))
+        rounds, cpu, acc = [], [], None
+        startup = time.perf_counter() - began
+        for server_round in range(1, int(cfg.num_rounds) + 1):
+            t0, c0 = time.perf_counter(), time.process_time()
+            sampled = sorted(int(c) for c in rng.choice(n, size=size, replace=False))
+            jobs = [(global_state, sampled[k::workers], server_round) for k in range(workers)]
+            done = pool.map(_worker_train, jobs)
+            by_cid = {c: (s, w) for (states, weights, _), job in zip(done, jobs, strict=True)
+                      for c, s, w in zip(job[1], states, weights, strict=True)}
+            trained = [by_cid[c] for c in sampled]
+            global_state.update(weighted_mean([t[0] for t in trained], [t[1] for t in trained]))
+            worker_cpu = sum(d[2] for d in done)
+            if server_round % int(cfg.eval_every) == 0 or server_round == int(cfg.num_rounds):
+                scored = pool.map(_worker_evaluate, [(global_state, list(range(n))[k::workers])
+                                                     for k in range(workers)])
+                acc = float(np.mean([a for accs, _ in scored for a in accs]))
+                worker_cpu += sum(c for _, c in scored)
+            rounds.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0 + worker_cpu)
+    finally:
+        pool.terminate()
     return {"total": time.perf_counter() - began, "startup": startup, "rounds": rounds, "cpu": cpu,
             "accuracy": acc}
 
@@ -138,8 +222,59 @@ def stop_superlink(flwr_home: Path) -> None:
                 os.killpg(os.getpgid(target), signal.SIGKILL)
 
 
+def _tree_cpu(roots: list[int]) -> float:
+    """CPU seconds (user + system) of the processes ``roots`` and all their descendants."""
+    stats, children = {}, {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = path.read_text().rsplit(")", 1)[1].split()
+            pid = int(path.parent.name)
+            stats[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            children.setdefault(int(fields[1]), []).append(pid)
+    total, todo = 0.0, list(roots)
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
+class RoundCPU:
+    """CPU time of everything a ``flwr run`` started (the SuperLink, the simulation process,
+    Ray, the actors) at each new line of metrics.jsonl, i.e. at the end of every round."""
+
+    def __init__(self, flwr_home: Path, metrics: Path):
+        import threading
+
+        self.flwr_home, self.metrics = flwr_home, metrics
+        self.at_round: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> RoundCPU:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(OSError):
+                lines = self.metrics.read_bytes().count(b"\n")
+                if lines > len(self.at_round):
+                    cpu = _tree_cpu(_pids(f"flower-superlink.*{self.flwr_home}"))
+                    self.at_round += [cpu] * (lines - len(self.at_round))
+
+    def per_round(self) -> list[float]:
+        """CPU seconds of rounds 2.. (round 1 has no start mark)."""
+        return [b - a for a, b in zip(self.at_round, self.at_round[1:], strict=False)]
+
+
 def flwr_run(overrides: str, clients: int, flwr_home: Path, out: Path, ports: tuple[int, int]) -> dict:
-    """The FedAvg job through ``flwr run`` (simulation); returns per-round seconds and accuracy."""
+    """The FedAvg job through ``flwr run`` (simulation); returns per-round seconds and accuracy,
+    and the CPU time of rounds 2.. of everything the run started."""
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
            "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -150,14 +285,16 @@ def flwr_run(overrides: str, clients: int, flwr_home: Path, out: Path, ports: tu
            "--run-config", run_config, "--federation-config",
            f"num-supernodes={clients} client-resources-num-cpus=1"]
     began = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=3600)
+    with RoundCPU(flwr_home, out / "metrics.jsonl") as cpu:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=3600)
     total = time.perf_counter() - began
     if proc.returncode != 0 or not (out / "metrics.jsonl").exists():
         sys.exit(f"flwr run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     acc = rows[-1]["personalized_accuracy"]["mean"]
     rounds = [r["seconds"] for r in rows]
-    return {"total": total, "startup": total - sum(rounds), "rounds": rounds, "accuracy": acc}
+    return {"total": total, "startup": total - sum(rounds), "rounds": rounds, "accuracy": acc,
+            "cpu_later": cpu.per_round()}
 
 
 # --------------------------------------------------------------------------- report
@@ -173,7 +310,10 @@ def describe(name: str, r: dict, base: dict | None) -> str:
             f"mean {statistics.mean(later):6.3f} s | final mean acc {r['accuracy']:.4f}")
     if "cpu" in r:
         c = statistics.median(r["cpu"][1:] or r["cpu"])
-        line += f"\n  {'':28s} CPU time of this process: rounds 2..: median {c:6.3f} s"
+        line += f"\n  {'':28s} CPU time (its processes): rounds 2..: median {c:6.3f} s"
+    if r.get("cpu_later"):
+        c = statistics.median(r["cpu_later"])
+        line += f"\n  {'':28s} CPU time (SuperLink, simulation, Ray, actors): rounds 2..: median {c:6.3f} s"
     if base is not None:
         bper = statistics.median(base["rounds"][1:] or base["rounds"])
         line += (f"\n  {'':28s} ratio to flwr: total {base['total'] / r['total']:5.2f} | "
@@ -181,28 +321,45 @@ def describe(name: str, r: dict, base: dict | None) -> str:
     return line
 
 
+def equal_cores_headline(flwr: dict, plain: dict, name: str, messages: int, lanes: int) -> str:
+    """Flower against the plain loop on the same cores: wall and CPU ratios per round (rounds
+    2..), and Flower's fixed cost per message (the difference spread over the round's messages;
+    in wall time per actor: ``lanes`` actors work at once)."""
+    wall_f, wall_p = _med(flwr["rounds"]), _med(plain["rounds"])
+    cpu_f, cpu_p = statistics.median(flwr["cpu_later"] or [float("nan")]), _med(plain["cpu"])
+    return (f"  EQUAL CORES ({lanes}): flwr run / {name}: median round wall {wall_f / wall_p:5.3f} "
+            f"({wall_f:.3f} / {wall_p:.3f} s) | CPU {cpu_f / cpu_p:5.3f} ({cpu_f:.3f} / {cpu_p:.3f} s)\n"
+            f"  {'':21s} Flower's fixed cost per message ({messages} a round): "
+            f"{(wall_f - wall_p) * lanes / messages * 1000:.1f} ms of an actor's wall time, "
+            f"{(cpu_f - cpu_p) / messages * 1000:.1f} ms CPU")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--overrides", default="", help="extra Hydra overrides")
+    parser.add_argument("--overrides", default="", help="extra Hydra overrides, e.g. model=digit_cnn")
     parser.add_argument("--repeats", type=int, default=1, help="alternate flwr/plain this many times")
     parser.add_argument("--ports", default="39191,39193", help="SuperLink HTTP and Control API ports")
     parser.add_argument("--skip-flwr", action="store_true")
+    parser.add_argument("--plain", default="1x1,2x1,1x2",
+                        help="plain loops to run, PROCESSESxTHREADS: 1x1, 2x1 (2 worker processes), 1x2")
+    parser.add_argument("--plain", default="1x1,2x1,1x2",
+                        help="plain loops to run, PROCESSESxTHREADS (1x1, 2x1, 1x2)")
     parser.add_argument("--in-process", action="store_true",
                         help="also run pflower's strategy and ClientApp handlers in this process (FakeGrid, "
                              "no Flower transport): pflower's own overhead over the plain loop")
-    parser.add_argument("--all-cores", action="store_true",
-                        help="also run the plain loop with torch using every core (unreliable when "
-                             "other processes load the machine: its threads then wait on each other)")
     args = parser.parse_args()
     overrides = f"strategy=fedavg num_rounds={args.rounds} device=cpu {args.overrides}".strip()
     cfg = compose_config(overrides)
     clients = len(load_federation(cfg, torch.device("cpu")).clients)
     ports = tuple(int(p) for p in args.ports.split(","))
-    threads_all = os.cpu_count() or 1
+    lanes = 2  # ClientApp actors: pflower-sim gives each 1 CPU on this 2-core machine
+    size = max(1, min(clients, round(float(cfg.fraction_train) * clients)))
+    messages = size + clients  # a round: train the sampled clients, then every client evaluates
     print(f"FedAvg overhead: {cfg.dataset.name}, {clients} clients, model {cfg.model.name}, "
           f"{args.rounds} rounds, local_epochs {cfg.local_epochs}, batch {cfg.batch_size}, "
-          f"{os.cpu_count()} CPU cores, torch {torch.__version__}, overrides {overrides!r}", flush=True)
+          f"{os.cpu_count()} CPU cores, torch {torch.__version__}, overrides {overrides!r}, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory(prefix="pflower-overhead-") as tmp:
         home = Path(tmp, "flwr_home")
         try:
@@ -211,26 +368,35 @@ def main() -> None:
                 res = {}
                 if not args.skip_flwr:
                     res["flwr"] = flwr_run(overrides, clients, home, Path(tmp, f"run{repeat}"), ports)
-                    print(describe("flwr run (simulation)", res["flwr"], None), flush=True)
-                variants = {int(cfg.client_threads) or threads_all}
-                if args.all_cores:
-                    variants.add(threads_all)
-                for threads in sorted(variants):
-                    r = plain_run(overrides, threads)
-                    print(describe(f"plain loop, {threads} thread(s)", r, res.get("flwr")), flush=True)
-                    if threads == (int(cfg.client_threads) or threads_all):
-                        res["plain"] = r
+                    print(describe(f"flwr run ({lanes} actors x 1 CPU)", res["flwr"], None), flush=True)
+                variants = {
+                    "1x1": ("plain loop, 1 process x 1 thread", lambda: plain_run(overrides, 1)),
+                    "2x1": (f"plain loop, {lanes} processes x 1 thread",
+                            lambda: plain_parallel_run(overrides, lanes)),
+                    "1x2": (f"plain loop, 1 process x {lanes} threads", lambda: plain_run(overrides, lanes)),
+                }
+                variants = dict(variants[k] for k in args.plain.split(","))
+                for name, run in variants.items():
+                    res[name] = run()
+                    print(describe(name, res[name], res.get("flwr")), flush=True)
+                torch.set_num_threads(lanes)
+                equal = [n for n in variants if "1 process x 1 thread" not in n]
+                if equal:
+                    best = min(equal, key=lambda n: _med(res[n]["rounds"]))
+                    print(f"  best plain PyTorch on {lanes} cores here: {best}", flush=True)
+                    if "flwr" in res:
+                        print(equal_cores_headline(res["flwr"], res[best], best, messages, lanes), flush=True)
                 if args.in_process:
-                    r = fakegrid_run(overrides, int(cfg.client_threads) or threads_all)
+                    r = fakegrid_run(overrides, 1)
                     print(describe("in-process pflower (FakeGrid)", r, res.get("flwr")), flush=True)
-                    p = res["plain"]
+                    p = res.get("plain loop, 1 process x 1 thread") or plain_run(overrides, 1)
                     wall, cpu = _med(r["rounds"]) / _med(p["rounds"]), _med(r["cpu"]) / _med(p["cpu"])
-                    print(f"  {'':28s} vs plain loop: median round {wall:5.3f} | median round CPU {cpu:5.3f}",
-                          flush=True)
-                torch.set_num_threads(threads_all)
+                    print(f"  {'':28s} vs plain loop (1 thread): median round {wall:5.3f} | median round "
+                          f"CPU {cpu:5.3f}", flush=True)
         finally:
             stop_superlink(home)
-    print("  (ratio = flwr / plain; 'rounds' = sum of per-round times, start-up excluded)")
+    print(f"  (ratio = flwr / plain; 'rounds' = sum of per-round times, start-up excluded; load average now "
+          f"{os.getloadavg()[0]:.2f})")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,31 @@ def through_flwr(clients: int, nodes: int, rounds: int, home: Path, out: Path,
             "peak_sim": memory.peak_sim, "peak_tree": memory.peak_tree}
 
 
+def engine_sweep(nodes: int) -> tuple[float, float]:
+    """Flower's simulation engine with ``nodes`` SuperNodes: (seconds to register them, seconds
+    of one pass of its message pickup, ``vce_api.add_messages_to_queue``, with no message
+    waiting). The pickup asks the in-memory LinkState for each node's messages every 100 ms,
+    and each ask scans every stored message: O(nodes x stored messages) per pass."""
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    began = time.perf_counter()
+    mapping = _register_nodes(nodes, factory)
+    registered = time.perf_counter() - began
+    state = factory.state()
+    passes = []
+    for _ in range(5):
+        began = time.perf_counter()
+        for node_id in mapping:
+            state.get_message_ins(node_id=node_id, limit=1)
+        passes.append(time.perf_counter() - began)
+    return registered, statistics.median(passes)
+
+
 def report_in_process(r: dict, rounds: int) -> None:
     per_client = r["rss_growth"] / max(r["new_states"], 1)
     print(f"  {r['clients']:6d} clients: {r['median_round_s']:.3f} s/round (median of rounds 2..{rounds}; "
@@ -216,6 +241,8 @@ def main() -> None:
     parser.add_argument("--flwr", action="store_true", help="also time `flwr run` simulation")
     parser.add_argument("--nodes", type=int, default=0, help="SuperNodes for --flwr (0: one per client)")
     parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--engine-sweep", action="store_true",
+                        help="also time Flower's node registration and one message pickup pass")
     args = parser.parse_args()
     print(f"Scale: ditto, fashion_mnist iid, mlp, {SAMPLED} sampled + {SAMPLED} evaluated clients a round, "
           f"{STEPS} SGD steps per model per sampled client, {args.rounds} rounds, personal state: "
@@ -234,6 +261,12 @@ def main() -> None:
             if len(results) >= 2:
                 print(f"  ratio s/round {results[-1]['clients']} / {results[0]['clients']} clients: "
                       f"{results[-1]['median_round_s'] / results[0]['median_round_s']:.2f} (target <= 1.2)")
+        if args.engine_sweep:
+            print("Flower's simulation engine (in-memory LinkState, no message waiting):")
+            for n in args.clients:
+                registered, sweep = engine_sweep(n)
+                print(f"  {n:6d} SuperNodes: registering {registered:.2f} s | one message pickup pass "
+                      f"{sweep * 1000:.1f} ms (repeated every 100 ms for the whole run)", flush=True)
         if args.flwr:
             run_flwr(args, Path(tmp), state_dir)
 
