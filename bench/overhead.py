@@ -343,8 +343,6 @@ def main() -> None:
     parser.add_argument("--skip-flwr", action="store_true")
     parser.add_argument("--plain", default="1x1,2x1,1x2",
                         help="plain loops to run, PROCESSESxTHREADS: 1x1, 2x1 (2 worker processes), 1x2")
-    parser.add_argument("--plain", default="1x1,2x1,1x2",
-                        help="plain loops to run, PROCESSESxTHREADS (1x1, 2x1, 1x2)")
     parser.add_argument("--in-process", action="store_true",
                         help="also run pflower's strategy and ClientApp handlers in this process (FakeGrid, "
                              "no Flower transport): pflower's own overhead over the plain loop")
