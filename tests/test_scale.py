@@ -145,3 +145,23 @@ def test_ditto_with_a_run_state_dir_trains_as_with_state_in_memory(tmp_path):
     assert [r["per_client_accuracy"] for r in memory] == [r["per_client_accuracy"] for r in disk]
     assert all(not c.state.array_records for c in grid.contexts.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"client-{c}" for c in range(4)]
+
+
+def test_node_ids_are_asked_again_only_after_a_round_that_missed_replies():
+    overrides = f"{TINY} strategy=fedavg"
+    st = server(tiny_cfg("strategy=fedavg"))
+    grid = FakeGrid(4, overrides)
+    asked = []
+    real = grid.get_node_ids
+    grid.get_node_ids = lambda: asked.append(1) or real()
+    st.discover(grid, 10)
+    asked.clear()
+    for r in (1, 2, 3):
+        st.run_round(grid, r, 10, evaluate=False)
+    assert len(asked) == 1  # the first round checks once; clean rounds after it do not
+    grid.tamper = lambda msg, reply: None if msg.metadata.message_type == "train" else reply  # no replies
+    st.run_round(grid, 4, 0.2, evaluate=False)
+    grid.tamper = None
+    asked.clear()
+    st.run_round(grid, 5, 10, evaluate=False)
+    assert len(asked) == 1  # after the round with late replies, the next one looks for new node ids
