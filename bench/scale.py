@@ -28,7 +28,7 @@ Two measurements:
   every 0.5 s.
 
     .venv/bin/python bench/scale.py [--rounds 20] [--clients 100 1000 10000] [--state disk]
-        [--flwr] [--nodes N] [--skip-in-process]
+        [--flwr] [--nodes N ...] [--skip-in-process] [--engine-sweep]
 """
 
 from __future__ import annotations
@@ -239,7 +239,8 @@ def main() -> None:
     parser.add_argument("--state", choices=("disk", "memory"), default="disk",
                         help="personal state in client_state_dir only (disk) or in context.state (memory)")
     parser.add_argument("--flwr", action="store_true", help="also time `flwr run` simulation")
-    parser.add_argument("--nodes", type=int, default=0, help="SuperNodes for --flwr (0: one per client)")
+    parser.add_argument("--nodes", type=int, nargs="+", default=[0],
+                        help="SuperNodes for --flwr: one value, or one per --clients (0: one per client)")
     parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--engine-sweep", action="store_true",
                         help="also time Flower's node registration and one message pickup pass")
@@ -278,8 +279,9 @@ def run_flwr(args, tmp: Path, state_dir) -> None:
     home = tmp / "flwr_home"
     sims = []
     try:
-        for n in args.clients:
-            nodes = args.nodes or n
+        per_run = args.nodes if len(args.nodes) == len(args.clients) else args.nodes[:1] * len(args.clients)
+        for n, wanted in zip(args.clients, per_run, strict=True):
+            nodes = wanted or n
             s = through_flwr(n, nodes, args.rounds, home, tmp / f"run{n}", state_dir(f"flwr{n}"))
             sims.append(s)
             print(f"  {n:6d} clients on {nodes} SuperNodes: {s['median_round_s']:.3f} s/round (median of "
