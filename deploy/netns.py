@@ -161,6 +161,13 @@ def add_host(host: str) -> None:
     sh("ip", "-n", ns, "link", "set", "lo", "up")
 
 
+def our_links() -> list[str]:
+    """The host ends of our veth pairs (``pfdv-*``)."""
+    listed = sh("ip", "-o", "link", "show", check=False).stdout.splitlines()
+    names = [line.split(":")[1].strip().split("@")[0] for line in listed if ":" in line]
+    return [n for n in names if n.startswith(f"{PREFIX}v-")]
+
+
 def our_namespaces() -> list[str]:
     listed = sh("ip", "netns", "list", check=False).stdout.split("\n")
     return [line.split()[0] for line in listed if line.startswith(f"{PREFIX}-")]
@@ -295,7 +302,7 @@ def guest(dep: Deployment, key: Path | None, tls: bool, timeout: float = 60) -> 
 
 def up(root: Path, nodes: int, tls: bool = True, auth: bool = True) -> Deployment:
     """Namespaces, certificates and keys, SuperLink, registrations, SuperNodes."""
-    if (root / "deployment.json").exists() or our_namespaces():
+    if (root / "deployment.json").exists() or our_namespaces() or our_links():
         raise SystemExit(f"a deployment is up ({root} or namespaces {PREFIX}-*): run `down` first")
     root.mkdir(parents=True, exist_ok=True)
     dep = Deployment(str(root.resolve()), nodes, tls, auth)
@@ -327,6 +334,10 @@ def down(root: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
         sh("ip", "netns", "del", ns, check=False)
+    # The kernel frees a deleted namespace (and the veth pairs in it) asynchronously: delete
+    # the host ends now, so that an `up` right after finds nothing of ours.
+    for link in our_links():
+        sh("ip", "link", "del", link, check=False)
     sh("ip", "link", "del", BRIDGE, check=False)
     if dep is not None:
         shutil.rmtree(root, ignore_errors=True)
