@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -41,7 +42,14 @@ def apply_determinism(deterministic: bool) -> None:
     """
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(deterministic, warn_only=deterministic)
+    # What torch.use_deterministic_algorithms does, without its import of torch._inductor (and
+    # with it torch._dynamo: ~2 s of CPU, paid by every message of a deployment, where each
+    # message is a fresh process); pflower never compiles, so inductor's own flag is set only
+    # where something loaded inductor already.
+    torch._C._set_deterministic_algorithms(deterministic, warn_only=deterministic)
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        inductor.deterministic = deterministic
     # With deterministic algorithms on, torch by default also fills every new tensor's memory
     # (NaN) in case a program reads it before writing it; pflower's code never does, and the
     # fill costs a write over every allocation (a 50 MB torch.empty: 0.2 s instead of 2 ms).

@@ -44,7 +44,7 @@ def _spy(monkeypatch, module, name: str) -> list[bool]:
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_clientapp_applies_the_key_before_loading_its_data(monkeypatch, deterministic):
     apply_determinism(not deterministic)  # the process starts in the other state
-    seen = _spy(monkeypatch, client_app, "load_federation")
+    seen = _spy(monkeypatch, client_app, "node_federation")
     overrides = f"{TINY} strategy=fedavg deterministic={str(deterministic).lower()}"
     st = server(tiny_cfg(f"strategy=fedavg deterministic={str(deterministic).lower()}"))
     grid = FakeGrid(4, overrides)
