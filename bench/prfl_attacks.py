@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-COMMON = ("dataset=mnist5k partition=relabel partition.num_clusters=4 model=mlp model.hidden=200 "
-          "lr=0.02 momentum=0.9 batch_size=32 seed=0 attack.fraction=0.2 client_threads=1")
+COMMON = ("dataset=mnist5k model=mlp model.hidden=200 lr=0.02 momentum=0.9 batch_size=32 seed=0 "
+          "attack.fraction=0.2 client_threads=1")
+PARTITIONS = {"relabel": "partition=relabel partition.num_clusters=4", "iid": "partition=iid"}
 METHODS = {
     "clustered": "strategy=clustered",
     "clustered_per_client": "strategy=clustered_per_client",
@@ -36,12 +37,13 @@ METHODS = {
 ATTACKS = ("none", "gaussian", "bitflip", "signflip", "labelflip", "alie", "ipm")
 
 
-def overrides(method: str, attack: str, clients: int, rounds: int, out: Path) -> str:
-    return (f"{COMMON} partition.num_clients={clients} num_rounds={rounds} {METHODS[method]} "
-            f"attack={attack} output_dir={out}")
+def overrides(method: str, attack: str, partition: str, clients: int, rounds: int, out: Path) -> str:
+    return (f"{COMMON} {PARTITIONS[partition]} partition.num_clients={clients} num_rounds={rounds} "
+            f"{METHODS[method]} attack={attack} output_dir={out}")
 
 
-def run_job(method: str, attack: str, clients: int, rounds: int, out: Path) -> tuple[str, str, float]:
+def run_job(method: str, attack: str, partition: str, clients: int, rounds: int,
+            out: Path) -> tuple[str, str, float]:
     """One whole run in this process; returns (method, attack, seconds)."""
     from flwr.app import Context, RecordDict
 
@@ -49,7 +51,7 @@ def run_job(method: str, attack: str, clients: int, rounds: int, out: Path) -> t
     from tests.fake_grid import FakeGrid
 
     began = time.perf_counter()
-    full = overrides(method, attack, clients, rounds, out)
+    full = overrides(method, attack, partition, clients, rounds, out)
     server_app.main(FakeGrid(clients, full), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                      run_config={"overrides": full}))
     return method, attack, time.perf_counter() - began
@@ -86,10 +88,14 @@ def table(out: Path, methods: list[str], attacks: list[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "sweeps" / "prfl_attacks")
     parser.add_argument("--methods", default="clustered,oracle,fedavg")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--partition", choices=sorted(PARTITIONS), default="relabel",
+                        help="relabel: K = 4 label-permuted clusters; iid: one population (shows "
+                             "what each attack does to a method that has nothing to personalise)")
     parser.add_argument("--clients", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one core each)")
@@ -99,13 +105,15 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown {unknown}; methods: {sorted(METHODS)}, attacks: {list(ATTACKS)}")
     todo = [(m, a) for m in methods for a in attacks if final_row(args.out / f"{m}-{a}") is None]
-    print(f"{len(todo)} runs to do, {len(methods) * len(attacks) - len(todo)} already in {args.out}", flush=True)
+    done = len(methods) * len(attacks) - len(todo)
+    print(f"{len(todo)} runs to do, {done} already in {args.out}", flush=True)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_job, m, a, args.clients, args.rounds, args.out / f"{m}-{a}") for m, a in todo]
+        futures = [pool.submit(run_job, m, a, args.partition, args.clients, args.rounds,
+                               args.out / f"{m}-{a}") for m, a in todo]
         for future in futures:
             method, attack, seconds = future.result()
             print(f"done {method} {attack} in {seconds:.0f} s", flush=True)
-    print(f"\n{args.clients} clients, {args.rounds} rounds; {COMMON}\n")
+    print(f"\n{args.clients} clients, {args.rounds} rounds; {COMMON} {PARTITIONS[args.partition]}\n")
     print(table(args.out, methods, attacks))
 
 

@@ -21,36 +21,45 @@ every other client's batch, which a federation cannot do. This module is the fed
 ``strategy=clustered`` (Federated-Clustering). K = ``strategy.num_clusters`` cluster models x_k
 and update centres v_k live on the server; client i is assigned to a_i. Round t:
 
-1. client i in S_t trains x_{a_i} locally (E epochs of SGD with the run's ``momentum``: its
-   update is the sum of the momentum buffers of its local steps times -lr) and uploads
-       u_i = x_i(after) - x_{a_i}
-2. per cluster k, over the updates U_k of the clients that trained x_k this round:
-       v_k <- TC(v_k, U_k, tau, R)        (started at that centre: the previous v_k; in the
-                                           first round the cluster's seed update, see below;
-                                           with the oracle, the coordinate median of U_k, as
-                                           the authors' synthetic code starts TC)
+1. client i in S_t trains x_{a_i} locally (E epochs of SGD with the run's ``momentum``),
+       delta_i = x_i(after) - x_{a_i},
+   and uploads its worker momentum (``strategy.worker_momentum`` beta, 0.9; the authors' TC
+   runs on the workers' momenta, which is what makes it robust: Karimireddy, He, Jaggi 2021),
+       m_i <- beta m_i + (1 - beta) delta_i,      u_i = m_i / (1 - beta^s_i)
+   (s_i: the client's rounds since its momentum started; the debiased u_i is a weighted mean
+   of its updates, on one update's scale). m_i starts afresh (m_i = 0) when the client is sent
+   another cluster's model than its momentum belongs to (``reset-momentum``).
+2. per cluster k, over every update of the round (``strategy.tc_over=all``, the authors' code;
+   ``assigned``: only those of the clients that trained x_k), near-duplicate uploads merged:
+       U <- collapse_near_duplicates(U)          (``task.robust``: uploads closer than
+                                                  ``duplicate_tolerance`` x the median pairwise
+                                                  distance count once: colluding copies such as
+                                                  ALIE's or IPM's do not fill TC's radius)
+       v_k <- TC(v_k, U, tau, R)                 (started at that centre: the previous v_k; in
+                                                  the first round the cluster's seed, see below;
+                                                  with the oracle, the coordinate median of the
+                                                  cluster's updates)
        x_k <- x_k + v_k
 3. reassignment: a client whose update is typical of the cluster it trained,
        ||u_i - v_{a_i}|| <= stay_radius * median_{j trained a_i} ||u_j - v_{a_i}||   (2.0),
    stays; every other client that replied moves to the nearest centre,
        a_i <- argmin_k ||u_i - v_k||.
    (The hard argmin for everyone, ``strategy.stay_radius=0``, is unstable late in training:
-   the updates are then mostly SGD noise and the nearest centre flickers; a client sent the
-   wrong model makes an update far from every centre. Measured on 40 relabel clients: ARI
-   falling from 1 to 0.4 and a cluster emptied after round 15. With the gate a well-placed
-   client never moves, and a misplaced one, always atypical, moves until it lands where its
-   update is typical.)
+   the updates are then mostly SGD noise and the nearest centre flickers.)
 4. cluster_ari: the adjusted Rand index of {a_i} against the true cluster ids (Byzantine
    clients left out), every round.
 
 Initialisation: the authors' ``MultiUpdateServer(init="lazy")`` ("use the worker gradients as
 initialization"). All K models start as the same initial model, so in the first round every
-update is relative to the same point; the K centres are then seeded from those updates
-(``seed_centres``: farthest-first traversal over the "dense" updates, those whose distance to
-their floor(n q / 2)-th nearest neighbour is at most twice the median of that distance, started
-at the dense update farthest from the coordinate-wise median; a lone outlier such as a Gaussian
-attacker is never dense). A client that first replies after the first round trains cluster
-(cid mod K) before it is reassigned by its update.
+update is relative to the same point; the centres are then seeded from those updates
+(``initial_clusters``): K seeds by farthest-first traversal over the dense updates of the main
+body (``main_body``: within twice the median distance to the coordinate-wise median; dense:
+distance to the floor(n q / 2)-th nearest update at most its median over the body), started at
+the dense update farthest from the median, then refined by Lloyd's iterations with coordinate
+medians. A Gaussian or sign-flipped attacker is never dense (its nearest like uploads are at
+most the mirrors of one cluster's), so it wins no seed and joins a cluster where TC replaces it.
+A client that first replies after the first round trains cluster (cid mod K) before it is
+reassigned by its update.
 
 ``strategy.oracle=true``: a_i fixed to the true cluster id (the paper's oracle baseline).
 
@@ -62,9 +71,10 @@ and sends each client its own g_i (the ``train.personalize`` phase): x_i <- x_i(
 Its cluster_ari groups clients by the connected components of "i and j kept each other in
 their TCs".
 
-Differences from the authors' code, on purpose: updates are whole local rounds (E epochs)
-instead of single momentum vectors of one batch, and the momentum is the local optimiser's
-(``momentum``) instead of a server-side m_i <- beta m_i + v_i after clustering.
+Differences from the authors' code, on purpose: an update is a whole local round (E epochs)
+instead of one batch's gradient, and the worker momentum is an exponential average of those
+updates (the step x_k <- x_k + v_k keeps one update's scale) instead of m <- beta m + g with a
+separate learning rate.
 """
 
 from __future__ import annotations
@@ -160,14 +170,14 @@ def initial_clusters(X: torch.Tensor, k: int, quantile: float,
     """Round-1 grouping: K seeds (``seed_centres``), refined by Lloyd's iterations over the main
     body with coordinate-wise medians as centres (a seed is an extreme row of its group, so
     nearest-seed groups cut clusters; the medians move to the groups' middles). Returns every
-    row's nearest centre and the K centres."""
+    row's nearest centre and the K centres (fewer where there are at most K rows)."""
     body = main_body(X)
     if len(body) <= k:
         body = list(range(len(X)))
     centres = X[seed_centres(X, k, quantile)].clone()
     for _ in range(iterations):
         labels = nearest_centre(X[body], centres)
-        groups = [[i for i, lab in zip(body, labels, strict=True) if lab == j] for j in range(k)]
+        groups = [[i for i, lab in zip(body, labels, strict=True) if lab == j] for j in range(len(centres))]
         moved = torch.stack([robust.median(X[g]).value if g else centres[j] for j, g in enumerate(groups)])
         if torch.equal(moved, centres):
             break
