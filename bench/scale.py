@@ -158,10 +158,18 @@ class TreeMemory:
 
         while not self._stop.wait(0.5):
             for link in _pids(f"flower-superlink.*{self.flwr_home}"):
-                for sim in _pids(f"flwr-simulation.*--parent-pid {link}"):
+                # SuperLink -> flower-superexec -> flwr-simulation -> Ray's daemons -> actors
+                for sim in [p for p in _descendants(link) if b"flwr-simulation" in _cmdline(p)]:
                     tree = _descendants(sim)
                     self.peak_sim = max(self.peak_sim, _status_kib(sim, "VmRSS") * 1024)
                     self.peak_tree = max(self.peak_tree, sum(_status_kib(p, "VmRSS") for p in tree) * 1024)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _descendants(root: int) -> list[int]:
