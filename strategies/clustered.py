@@ -52,12 +52,13 @@ and update centres v_k live on the server; client i is assigned to a_i. Round t:
 Initialisation: the authors' ``MultiUpdateServer(init="lazy")`` ("use the worker gradients as
 initialization"). All K models start as the same initial model, so in the first round every
 update is relative to the same point; the centres are then seeded from those updates
-(``initial_clusters``): K seeds by farthest-first traversal over the dense updates of the main
-body (``main_body``: within twice the median distance to the coordinate-wise median; dense:
-distance to the floor(n q / 2)-th nearest update at most its median over the body), started at
-the dense update farthest from the median, then refined by Lloyd's iterations with coordinate
-medians. A Gaussian or sign-flipped attacker is never dense (its nearest like uploads are at
-most the mirrors of one cluster's), so it wins no seed and joins a cluster where TC replaces it.
+(``initial_clusters``, over the uploads with near-duplicates merged as in step 2): K seeds by
+farthest-first traversal over the dense updates of the main body (``main_body``: within twice
+the median distance to the coordinate-wise median; dense: distance to the floor(n q / 2)-th
+nearest update at most its median over the body), started at the dense update farthest from
+the median, then refined by Lloyd's iterations with coordinate medians. A Gaussian or
+sign-flipped attacker is never dense (its nearest like uploads are at most the mirrors of one
+cluster's), so it wins no seed and joins a cluster where TC replaces it.
 A client that first replies after the first round trains cluster (cid mod K) before it is
 reassigned by its update.
 
@@ -165,20 +166,23 @@ def seed_centres(X: torch.Tensor, k: int, quantile: float) -> list[int]:
     return seeds
 
 
-def initial_clusters(X: torch.Tensor, k: int, quantile: float,
+def initial_clusters(X: torch.Tensor, k: int, quantile: float, tolerance: float = 0.0,
                      iterations: int = 20) -> tuple[list[int], torch.Tensor]:
     """Round-1 grouping: K seeds (``seed_centres``), refined by Lloyd's iterations over the main
     body with coordinate-wise medians as centres (a seed is an extreme row of its group, so
-    nearest-seed groups cut clusters; the medians move to the groups' middles). Returns every
-    row's nearest centre and the K centres (fewer where there are at most K rows)."""
-    body = main_body(X)
+    nearest-seed groups cut clusters; the medians move to the groups' middles). Both run on the
+    rows with near-duplicates merged (``tolerance``, as in TC): a block of colluding copies
+    would otherwise be half of the group it joins and drag that group's median onto itself.
+    Returns every row's nearest centre and the K centres (fewer where there are at most K)."""
+    rows, _ = robust.collapse_near_duplicates(X, tolerance)
+    body = main_body(rows)
     if len(body) <= k:
-        body = list(range(len(X)))
-    centres = X[seed_centres(X, k, quantile)].clone()
+        body = list(range(len(rows)))
+    centres = rows[seed_centres(rows, k, quantile)].clone()
     for _ in range(iterations):
-        labels = nearest_centre(X[body], centres)
+        labels = nearest_centre(rows[body], centres)
         groups = [[i for i, lab in zip(body, labels, strict=True) if lab == j] for j in range(len(centres))]
-        moved = torch.stack([robust.median(X[g]).value if g else centres[j] for j, g in enumerate(groups)])
+        moved = torch.stack([robust.median(rows[g]).value if g else centres[j] for j, g in enumerate(groups)])
         if torch.equal(moved, centres):
             break
         centres = moved
@@ -296,7 +300,8 @@ class Clustered(PFLStrategy):
         if not self.started and not oracle:
             # All K models are the same: group the first updates around K seed updates, where
             # each cluster's TC then starts.
-            trained, seeded = initial_clusters(X, self.K, float(self.cfg.strategy.quantile))
+            trained, seeded = initial_clusters(X, self.K, float(self.cfg.strategy.quantile),
+                                               float(self.cfg.strategy.duplicate_tolerance))
             starts = dict(enumerate(seeded))
         self.started = True
         centres = self.update_centres(X, trained, replies, keys, starts)

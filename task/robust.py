@@ -144,18 +144,20 @@ def centered_clipping(X: torch.Tensor, center: torch.Tensor, tau: float, iterati
 
 def collapse_near_duplicates(X: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, int]:
     """One row (their mean) for every group of rows closer than ``tolerance`` x the median
-    pairwise distance to the group's first row; returns the rows and how many were merged.
+    nearest-neighbour distance to the group's first row; returns the rows and how many were
+    merged.
 
     Colluding clients that send one vector (ALIE, IPM) then count as one upload, not as a
     block that fills a quantile-based radius (FoolsGold's observation, Fung et al. 2020,
     that sybils' updates are too alike). Honest uploads differ by their SGD noise, far more
-    than the tolerance, and stay separate; ``tolerance=0`` merges exact copies only.
+    than the tolerance, and stay separate (the nearest-neighbour distance is the scale of that
+    noise even where clusters are far apart); ``tolerance=0`` merges exact copies only.
     """
     if len(X) < 3:
         return X, 0
     D = torch.cdist(X.to(torch.float64), X.to(torch.float64))
-    pairs = D[torch.triu_indices(len(X), len(X), 1).unbind()]
-    limit = tolerance * float(pairs.median())
+    nearest = (D + torch.diag(torch.full((len(X),), float("inf")))).min(dim=1).values
+    limit = tolerance * float(nearest.median())
     groups: list[list[int]] = []
     for i in range(len(X)):
         home = next((g for g in groups if float(D[g[0], i]) <= limit), None)

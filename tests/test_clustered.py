@@ -16,6 +16,7 @@ from strategies.clustered import (
     worker_momentum,
 )
 from strategies.ifca import bundle, is_bundle, unbundle
+from task import robust
 from task.cluster_metrics import cluster_ari
 from task.config import compose_config
 from task.data import load_federation
@@ -56,6 +57,20 @@ def test_seeding_leaves_out_mirrored_attackers_and_lloyd_finds_the_clusters():
     assert cluster_ari(dict(enumerate(labels[:40])), truth) == 1.0
     for s in seed_centres(torch.cat([X, bad]), 4, 0.2):
         assert s < 40
+
+
+def test_a_block_of_colluding_copies_does_not_drag_its_groups_seed_centre():
+    """8 identical uploads (IPM's -eps mu) nearest cluster 0: merged, they are one row of that
+    group's median instead of half of it."""
+    X, truth = separable()
+    own = X[:10].mean(0)
+    copies = (0.6 * own).expand(8, -1)
+    labels, centres = initial_clusters(torch.cat([X, copies]), 4, 0.2, tolerance=0.1)
+    assert cluster_ari(dict(enumerate(labels[:40])), truth) == 1.0
+    home = centres[labels[0]]
+    assert float((home - own).norm()) < 0.2 * float((copies[0] - own).norm())
+    dragged = robust.median(torch.cat([X[:10], copies])).value  # the group's median, unmerged
+    assert float((dragged - own).norm()) > 3 * float((home - own).norm())
 
 
 def test_worker_momentum_debiased_is_a_weighted_mean_of_the_updates():
