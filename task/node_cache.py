@@ -12,8 +12,9 @@ read-only, in ``<state-dir>/cache/``:
   (``torch.save``; read back with ``torch.load(mmap=True, weights_only=True)``, so no
   pickled code is ever run and the pages are mapped, not copied).
 
-Keys hash everything the content depends on (the overrides, every file under ``conf/``; the
-dataset, partition and seed), so a changed config never reads a stale entry. Writes are
+Keys hash everything the content depends on (the overrides, every file under ``conf/`` and
+the config code; the dataset, partition and seed and the code that builds the data), so a
+changed config or a new pflower version never reads a stale entry. Writes are
 atomic (temporary file, then rename). This is per-node, read-only data: personal state
 stays in task/state.py.
 """
@@ -26,7 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+TASK_DIR = Path(__file__).resolve().parent
+CONF_DIR = TASK_DIR.parent / "conf"
+CONFIG_CODE = ("config.py",)
+DATA_CODE = ("data.py", "sources.py", "partitions.py")
 
 
 def _digest(*parts: str | bytes) -> str:
@@ -37,10 +41,14 @@ def _digest(*parts: str | bytes) -> str:
     return h.hexdigest()[:20]
 
 
+def _files_digest(root: Path, files: list[Path]) -> str:
+    """One hash of ``files`` (names relative to ``root``, and contents)."""
+    return _digest(*[x for p in sorted(files) for x in (str(p.relative_to(root)), p.read_bytes())])
+
+
 def _conf_digest() -> str:
-    """One hash of every file under conf/ (names and contents)."""
-    files = sorted(p for p in CONF_DIR.rglob("*.yaml"))
-    return _digest(*[x for p in files for x in (str(p.relative_to(CONF_DIR)), p.read_bytes())])
+    """Every file under conf/ and the code that composes and validates the config."""
+    return _files_digest(CONF_DIR.parent, [*CONF_DIR.rglob("*.yaml"), *[TASK_DIR / f for f in CONFIG_CODE]])
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -84,7 +92,8 @@ def node_federation(cfg: Any, device: Any, cache_dir: Path | None, served: Calla
 
     if cache_dir is None:
         return load_federation(cfg, device)
-    path = cache_dir / f"data-{_digest(federation_key(cfg))}.pt"
+    code = _files_digest(TASK_DIR, [TASK_DIR / f for f in DATA_CODE])
+    path = cache_dir / f"data-{_digest(federation_key(cfg), code)}.pt"
     if not path.exists():
         full = load_federation(cfg, torch.device("cpu"))
         payload = {"num_classes": full.num_classes, "input_shape": list(full.input_shape),

@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 import client_app
 from strategies.base import METRICS, hosted_clients
+from task import node_cache
 from task.data import load_federation
 from task.node_cache import cached_config, node_federation
 
@@ -57,7 +58,7 @@ def test_a_client_that_never_answers_is_named_in_missing_clients():
     assert "missing_clients" not in healthy
 
 
-def test_node_disk_cache_holds_the_same_config_and_the_served_partitions(tmp_path):
+def test_node_disk_cache_holds_the_same_config_and_the_served_partitions(tmp_path, monkeypatch):
     overrides = f"{TINY} strategy=ditto"
     cache = tmp_path / "cache"
     first, again = cached_config(overrides, cache), cached_config(overrides, cache)
@@ -70,8 +71,11 @@ def test_node_disk_cache_holds_the_same_config_and_the_served_partitions(tmp_pat
     for cid in (1, 3):
         for name in ("x_train", "y_train", "x_test", "y_test"):
             assert torch.equal(getattr(served.clients[cid], name), getattr(full.clients[cid], name))
-    # A changed config is another key, never a stale read.
+    # A changed config, or changed code that builds the data, is another key: no stale read.
     assert cached_config(f"{overrides} seed=7", cache).seed == 7
+    monkeypatch.setattr(node_cache, "DATA_CODE", ("data.py",))
+    node_federation(first, device, cache, lambda n: hosted_clients(1, 2, n))
+    assert len(list(cache.glob("data-*.pt"))) == 2
 
 
 def test_a_deployed_node_trains_from_its_cache_as_from_a_fresh_build(tmp_path):
