@@ -45,7 +45,7 @@ from omegaconf import DictConfig
 from task import attacks, robust
 from task.door import CHECKPOINT_META
 from task.outputs import atomic_write
-from task.params import StateDict, decode, model_state, to_record, weighted_mean
+from task.params import StateDict, all_finite, as_tensor, model_state, to_record, view, weighted_mean
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -711,7 +711,7 @@ class PFLStrategy(Strategy):
             return None
         record = content.array_records[ARRAYS]
         self.stats.bytes_up += record.count_bytes()
-        decoded: dict[str, np.ndarray] = {}
+        decoded: StateDict = {}
         problem = self._array_problem(record, self._sent_specs[cid], decoded)
         if problem is None:
             problem = self._num_examples_problem(content.metric_records[METRICS], cid, train=True)
@@ -722,13 +722,14 @@ class PFLStrategy(Strategy):
         if not all(math.isfinite(float(v)) for v in metrics.values() if isinstance(v, int | float)):
             self.stats.reject(cid, "non-finite metric")
             return None
-        # The arrays as decoded once for validation (what ``from_record`` would return).
-        arrays = {k: torch.from_numpy(v) for k, v in decoded.items()}
-        return TrainReply(cid, arrays, int(metrics["num-examples"]), metrics)
+        # The arrays as validated: read in place from the reply's bytes (as ``from_record``
+        # returns them), never copied; aggregation reads them once more.
+        return TrainReply(cid, decoded, int(metrics["num-examples"]), metrics)
 
     @staticmethod
     def _array_problem(record: ArrayRecord, spec: dict, decoded: dict | None = None) -> str | None:
-        """Why ``record`` does not match ``spec`` (None if it does); fills ``decoded`` as it checks."""
+        """Why ``record`` does not match ``spec`` (None if it does); fills ``decoded`` as it checks
+        with tensors that read the record's bytes in place (one read of each value: finiteness)."""
         if set(record.keys()) != set(spec):
             extra, missing = set(record.keys()) - set(spec), set(spec) - set(record.keys())
             return f"array keys differ (extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]})"
@@ -736,13 +737,14 @@ class PFLStrategy(Strategy):
             shape, dtype = spec[key]
             if tuple(array.shape) != shape or array.dtype != dtype:
                 return f"{key}: got {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
-            values = decode(array)
+            values = view(array)
             if tuple(values.shape) != shape or str(values.dtype) != dtype:
                 return f"{key}: data is {values.dtype}{list(values.shape)}, declared {dtype}{list(shape)}"
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
+            tensor = as_tensor(values)
+            if not all_finite(tensor):
                 return f"{key}: non-finite values"
             if decoded is not None:
-                decoded[key] = values
+                decoded[key] = tensor
         return None
 
     def _num_examples_problem(self, metrics: MetricRecord, cid: int, train: bool) -> str | None:

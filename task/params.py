@@ -1,8 +1,19 @@
-"""State-dict arithmetic and conversion to and from Flower's ArrayRecord."""
+"""State-dict arithmetic and conversion to and from Flower's ArrayRecord.
+
+The data path moves every byte the fewest times it can (docs/gpu.md):
+
+- ``to_record``: each tensor is copied once, into its message buffer (on CUDA: all of a state
+  dict's tensors to pinned host memory in one batch, then into the buffers);
+- ``from_record``: arrays are read in place from the message's bytes (no copy on the CPU; on
+  CUDA one host-to-device copy, made once per process for a record several clients receive);
+- ``weighted_mean``: one pass over every upload, in slices that keep the float64 sums in cache.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from io import BytesIO
 
@@ -16,13 +27,69 @@ StateDict = dict[str, torch.Tensor]
 
 
 def to_record(state: StateDict) -> ArrayRecord:
-    """A state dict as an ArrayRecord (numpy-serialised, never pickled)."""
-    return ArrayRecord({k: encode(v.detach().cpu().numpy()) for k, v in state.items()})
+    """A state dict as an ArrayRecord (numpy-serialised, never pickled), one copy per tensor."""
+    tensors = {k: v.detach() for k, v in state.items()}
+    if any(v.device.type == "cuda" for v in tensors.values()):
+        tensors = _to_pinned_host(tensors)
+    # .cpu() returns a CPU tensor itself (no copy); another device's tensor makes its one copy.
+    return ArrayRecord({k: encode(v.cpu().numpy()) for k, v in tensors.items()})
+
+
+def _to_pinned_host(tensors: StateDict) -> StateDict:
+    """Device tensors copied to pinned host memory, all queued before one synchronisation."""
+    host = {}
+    for k, v in tensors.items():
+        if v.device.type == "cuda":
+            host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+            host[k].copy_(v, non_blocking=True)
+        else:
+            host[k] = v
+    torch.cuda.synchronize()
+    return host
+
+
+# The last records moved to a device: (the record's data objects, device) -> tensors there.
+# Several clients served by one process get the same record in a round (the global model);
+# it crosses to the device once. Keeping the data objects keeps their ids unique.
+_ON_DEVICE: OrderedDict[tuple, tuple[list[bytes], StateDict]] = OrderedDict()
+_ON_DEVICE_LIMIT = 2
 
 
 def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> StateDict:
-    """An ArrayRecord as a state dict of tensors on ``device``."""
-    return {k: torch.from_numpy(decode(a)).to(device) for k, a in record.items()}
+    """An ArrayRecord as a state dict of tensors on ``device``.
+
+    On the CPU the tensors are views of the record's bytes, not copies: read them, or copy
+    them (``load_partial``), but never write to them. On another device they are one copy
+    there, shared by every call with the same record (same contract: read-only).
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return {k: view_tensor(a) for k, a in record.items()}
+    data = [a.data for a in record.values()]
+    key = (tuple(id(d) for d in data), str(device))
+    if key in _ON_DEVICE:
+        _ON_DEVICE.move_to_end(key)
+        return dict(_ON_DEVICE[key][1])
+    state = {k: view_tensor(a).to(device, non_blocking=True) for k, a in record.items()}
+    _ON_DEVICE[key] = (data, state)
+    while len(_ON_DEVICE) > _ON_DEVICE_LIMIT:
+        _ON_DEVICE.popitem(last=False)
+    return dict(state)
+
+
+def view_tensor(array: Array) -> torch.Tensor:
+    """``array`` as a CPU tensor reading the message's bytes in place (see ``view``)."""
+    return as_tensor(view(array))
+
+
+def as_tensor(values: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy``, also for a read-only array (a view of a message's bytes): the
+    tensor shares its memory and is read-only by contract (torch cannot mark it so)."""
+    if values.flags.writeable:
+        return torch.from_numpy(values)
+    with warnings.catch_warnings():  # torch's warning that the array is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(values)
 
 
 # .npy headers seen before: (dtype str, shape) -> header bytes, and header bytes -> parsed form.
@@ -49,10 +116,17 @@ def encode(array: np.ndarray) -> Array:
 
 
 def decode(array: Array) -> np.ndarray:
-    """``array.numpy()`` (np.load, never unpickling) as a writable array, header parse cached.
+    """``array.numpy()`` (np.load, never unpickling) as a writable array of its own."""
+    values = view(array)
+    return values if values.flags.writeable else values.copy(order="K")
 
-    Anything but a plain .npy of version 1 or 2 with all its data goes to ``array.numpy()``,
-    which raises numpy's own errors.
+
+def view(array: Array) -> np.ndarray:
+    """``array.numpy()``'s values read in place from the message's bytes (read-only, no copy),
+    the .npy header's parse cached.
+
+    Anything but a plain .npy of version 1 or 2 with all its data goes to ``array.numpy()``
+    (a writable copy), which raises numpy's own errors.
     """
     data = array.data
     if array.stype != SType.NUMPY or data[:6] != b"\x93NUMPY" or data[6] not in (1, 2):
@@ -76,8 +150,19 @@ def decode(array: Array) -> np.ndarray:
     if len(data) - end < count * dtype.itemsize:
         return array.numpy()  # truncated: numpy's error
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=end) if count else np.empty(0, dtype)
-    values = flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
-    return values.copy(order="K")
+    return flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite, reading the values once.
+
+    A sum with a NaN or an infinity in it is not finite, so a finite sum proves them all
+    finite; only a sum that is not (a bad value, or finite values overflowing) is checked
+    value by value.
+    """
+    if not values.is_floating_point() or values.numel() == 0:
+        return True
+    return math.isfinite(float(values.sum())) or bool(torch.isfinite(values).all())
 
 
 def model_state(model: nn.Module, keys: Iterable[str] | None = None) -> StateDict:
@@ -98,20 +183,57 @@ def load_partial(model: nn.Module, state: StateDict) -> None:
             own[k].copy_(v)
 
 
+# Values per slice of ``weighted_mean``'s float64 sum: the sum and its addend (2 x 256 KiB)
+# stay in a core's L2 cache while every upload's slice is added.
+_SLICE = 1 << 15
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 def weighted_mean(states: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
-    """sum_j p_j w_j with p_j = weights_j / sum(weights); integer entries take the maximum."""
+    """sum_j p_j w_j with p_j = weights_j / sum(weights); integer entries take the maximum.
+
+    Floating entries are summed in float64, in the order given (p_j w_j added to 0.0 one
+    upload after another), then rounded to their dtype. On the CPU this runs slice by slice
+    (``_sliced_mean``), reading each upload once, with the same numbers to the last bit.
+    """
     total = float(sum(weights))
     if not states or total <= 0:
         raise ValueError("weighted_mean needs at least one state with positive weight")
+    coefs = [w / total for w in weights]
     out = {}
     for key, first in states[0].items():
-        if first.is_floating_point():
-            acc = torch.zeros_like(first, dtype=torch.float64)
-            for s, w in zip(states, weights, strict=True):
-                acc += s[key].to(torch.float64) * (w / total)
-            out[key] = acc.to(first.dtype)
+        values = [s[key] for s in states]
+        if not first.is_floating_point():
+            out[key] = torch.stack(values).max(0).values
+        elif all(v.device.type == "cpu" and v.dtype == first.dtype for v in values) \
+                and first.dtype in _NUMPY_FLOATS:
+            out[key] = _sliced_mean(values, coefs)
         else:
-            out[key] = torch.stack([s[key] for s in states]).max(0).values
+            acc = torch.zeros_like(first, dtype=torch.float64)
+            for v, c in zip(values, coefs, strict=True):
+                acc += v.to(torch.float64) * c
+            out[key] = acc.to(first.dtype)
+    return out
+
+
+def _sliced_mean(values: list[torch.Tensor], coefs: list[float]) -> torch.Tensor:
+    """sum_j coefs_j values_j in float64, rounded to the values' dtype, one cache-sized slice
+    at a time: per element exactly ``acc = 0.0; acc += float64(v_j) * c_j`` in order."""
+    first = values[0]
+    flat = [v.reshape(-1).numpy() for v in values]  # views where contiguous
+    out = torch.empty(first.shape, dtype=first.dtype)
+    dest = out.view(-1)
+    n = dest.numel()
+    acc = np.empty(min(n, _SLICE), np.float64)
+    addend = np.empty_like(acc)
+    for start in range(0, n, _SLICE):
+        stop = min(start + _SLICE, n)
+        a, t = acc[:stop - start], addend[:stop - start]
+        a.fill(0.0)
+        for v, c in zip(flat, coefs, strict=True):
+            np.multiply(v[start:stop], c, out=t, dtype=np.float64)
+            np.add(a, t, out=a)
+        dest[start:stop].copy_(torch.from_numpy(a))  # torch's float64 -> dtype rounding, as .to()
     return out
 
 
