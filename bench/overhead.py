@@ -80,6 +80,29 @@ def evaluate_clients(fed, model, initial: dict, global_state: dict, cids: list[i
     return accs
 
 
+def client_sampler(cfg, n: int):
+    """Each round's sampled clients, in the server's seeded sequence (``PFLStrategy.sample``)."""
+    rng = np.random.default_rng(int(cfg.seed))
+    size = max(1, min(n, round(float(cfg.fraction_train) * n)))
+    return lambda: sorted(int(c) for c in rng.choice(n, size=size, replace=False))
+
+
+def timed_rounds(cfg, began: float, one_round) -> dict:
+    """Run ``one_round(round, evaluate) -> (accuracy or None, CPU seconds spent elsewhere)`` for
+    every round; per-round wall and CPU seconds (this process's plus what it reports)."""
+    rounds, cpu, acc = [], [], None
+    startup = time.perf_counter() - began
+    for server_round in range(1, int(cfg.num_rounds) + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        evaluate = server_round % int(cfg.eval_every) == 0 or server_round == int(cfg.num_rounds)
+        score, elsewhere = one_round(server_round, evaluate)
+        acc = acc if score is None else score
+        rounds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0 + elsewhere)
+    return {"total": time.perf_counter() - began, "startup": startup, "rounds": rounds, "cpu": cpu,
+            "accuracy": acc}
+
+
 def plain_run(overrides: str, threads: int) -> dict:
     """The FedAvg job as a plain PyTorch loop; returns per-round seconds and accuracies."""
     began = time.perf_counter()
@@ -92,22 +115,17 @@ def plain_run(overrides: str, threads: int) -> dict:
     model = build_model(cfg.model, fed.input_shape, fed.num_classes).to(device)
     global_state = model_state(model)
     initial = model_state(model)
-    rng = np.random.default_rng(seed)
     n = len(fed.clients)
-    size = max(1, min(n, round(float(cfg.fraction_train) * n)))
-    rounds, cpu, acc = [], [], None
-    startup = time.perf_counter() - began
-    for server_round in range(1, int(cfg.num_rounds) + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        sampled = sorted(int(c) for c in rng.choice(n, size=size, replace=False))
-        states, weights = train_clients(cfg, fed, model, initial, global_state, sampled, server_round)
+    sample = client_sampler(cfg, n)
+
+    def one_round(server_round: int, evaluate: bool) -> tuple[float | None, float]:
+        states, weights = train_clients(cfg, fed, model, initial, global_state, sample(), server_round)
         global_state.update(weighted_mean(states, weights))
-        if server_round % int(cfg.eval_every) == 0 or server_round == int(cfg.num_rounds):
-            acc = float(np.mean(evaluate_clients(fed, model, initial, global_state, list(range(n)))))
-        rounds.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {"total": time.perf_counter() - began, "startup": startup, "rounds": rounds, "cpu": cpu,
-            "accuracy": acc}
+        if not evaluate:
+            return None, 0.0
+        return float(np.mean(evaluate_clients(fed, model, initial, global_state, list(range(n))))), 0.0
+
+    return timed_rounds(cfg, began, one_round)
 
 
 # Each worker process of the parallel plain loop: its own copy of the federation and model.
@@ -152,13 +170,10 @@ def plain_parallel_run(overrides: str, workers: int) -> dict:
         torch.manual_seed(int(cfg.seed))
         fed = load_federation(cfg, torch.device("cpu"))
         global_state = model_state(build_model(cfg.model, fed.input_shape, fed.num_classes))
-        rng = np.random.default_rng(int(cfg.seed))
-        size = max(1, min(n, round(float(cfg.fraction_train) * n)))
-        rounds, cpu, acc = [], [], None
-        startup = time.perf_counter() - began
-        for server_round in range(1, int(cfg.num_rounds) + 1):
-            t0, c0 = time.perf_counter(), time.process_time()
-            sampled = sorted(int(c) for c in rng.choice(n, size=size, replace=False))
+        sample = client_sampler(cfg, n)
+
+        def one_round(server_round: int, evaluate: bool) -> tuple[float | None, float]:
+            sampled = sample()
             jobs = [(global_state, sampled[k::workers], server_round) for k in range(workers)]
             done = pool.map(_worker_train, jobs)
             by_cid = {c: (s, w) for (states, weights, _), job in zip(done, jobs, strict=True)
@@ -166,17 +181,16 @@ def plain_parallel_run(overrides: str, workers: int) -> dict:
             trained = [by_cid[c] for c in sampled]
             global_state.update(weighted_mean([t[0] for t in trained], [t[1] for t in trained]))
             worker_cpu = sum(d[2] for d in done)
-            if server_round % int(cfg.eval_every) == 0 or server_round == int(cfg.num_rounds):
-                scored = pool.map(_worker_evaluate, [(global_state, list(range(n))[k::workers])
-                                                     for k in range(workers)])
-                acc = float(np.mean([a for accs, _ in scored for a in accs]))
-                worker_cpu += sum(c for _, c in scored)
-            rounds.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0 + worker_cpu)
+            if not evaluate:
+                return None, worker_cpu
+            scored = pool.map(_worker_evaluate, [(global_state, list(range(n))[k::workers])
+                                                 for k in range(workers)])
+            accuracy = float(np.mean([a for accs, _ in scored for a in accs]))
+            return accuracy, worker_cpu + sum(c for _, c in scored)
+
+        return timed_rounds(cfg, began, one_round)
     finally:
         pool.terminate()
-    return {"total": time.perf_counter() - began, "startup": startup, "rounds": rounds, "cpu": cpu,
-            "accuracy": acc}
 
 
 # --------------------------------------------------------------------------- in-process
@@ -222,36 +236,46 @@ def stop_superlink(flwr_home: Path) -> None:
                 os.killpg(os.getpgid(target), signal.SIGKILL)
 
 
-def _tree_cpu(roots: list[int]) -> float:
-    """CPU seconds (user + system) of the processes ``roots`` and all their descendants."""
-    stats, children = {}, {}
+def _proc_stats() -> dict[int, list[str]]:
+    """Every process's /proc/<pid>/stat fields after the command name."""
+    stats = {}
     for path in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = path.read_text().rsplit(")", 1)[1].split()
-            pid = int(path.parent.name)
-            stats[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            children.setdefault(int(fields[1]), []).append(pid)
-    total, todo = 0.0, list(roots)
+            stats[int(path.parent.name)] = path.read_text().rsplit(")", 1)[1].split()
+    return stats
+
+
+def descendants(roots: list[int], stats: dict[int, list[str]] | None = None) -> list[int]:
+    """The processes ``roots`` and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, fields in (stats if stats is not None else _proc_stats()).items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    out, todo = [], list(roots)
     while todo:
         pid = todo.pop()
-        total += stats.get(pid, 0.0)
+        out.append(pid)
         todo += children.get(pid, [])
-    return total
+    return out
 
 
-class RoundCPU:
-    """CPU time of everything a ``flwr run`` started (the SuperLink, the simulation process,
-    Ray, the actors) at each new line of metrics.jsonl, i.e. at the end of every round."""
+def _tree_cpu(roots: list[int]) -> float:
+    """CPU seconds (user + system) of the processes ``roots`` and all their descendants."""
+    stats = _proc_stats()
+    tick = os.sysconf("SC_CLK_TCK")
+    tree = [p for p in descendants(roots, stats) if p in stats]
+    return sum(int(stats[p][11]) + int(stats[p][12]) for p in tree) / tick
 
-    def __init__(self, flwr_home: Path, metrics: Path):
+
+class Watcher:
+    """Calls ``tick()`` every ``period`` seconds in a thread while the ``with`` block lasts."""
+
+    period = 0.5
+
+    def __enter__(self):
         import threading
 
-        self.flwr_home, self.metrics = flwr_home, metrics
-        self.at_round: list[float] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def __enter__(self) -> RoundCPU:
+        self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
 
@@ -259,13 +283,30 @@ class RoundCPU:
         self._stop.set()
         self._thread.join()
 
-    def _watch(self) -> None:
-        while not self._stop.wait(0.05):
-            with contextlib.suppress(OSError):
-                lines = self.metrics.read_bytes().count(b"\n")
-                if lines > len(self.at_round):
-                    cpu = _tree_cpu(_pids(f"flower-superlink.*{self.flwr_home}"))
-                    self.at_round += [cpu] * (lines - len(self.at_round))
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self.tick()
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class RoundCPU(Watcher):
+    """CPU time of everything a ``flwr run`` started (the SuperLink, the simulation process,
+    Ray, the actors) at each new line of metrics.jsonl, i.e. at the end of every round."""
+
+    period = 0.05
+
+    def __init__(self, flwr_home: Path, metrics: Path):
+        self.flwr_home, self.metrics = flwr_home, metrics
+        self.at_round: list[float] = []
+
+    def tick(self) -> None:
+        with contextlib.suppress(OSError):
+            lines = self.metrics.read_bytes().count(b"\n")
+            if lines > len(self.at_round):
+                cpu = _tree_cpu(_pids(f"flower-superlink.*{self.flwr_home}"))
+                self.at_round += [cpu] * (lines - len(self.at_round))
 
     def per_round(self) -> list[float]:
         """CPU seconds of rounds 2.. (round 1 has no start mark)."""
@@ -321,6 +362,54 @@ def describe(name: str, r: dict, base: dict | None) -> str:
     return line
 
 
+def engine_costs(overrides: str) -> None:
+    """What Flower's simulation engine adds per message, measured piece by piece.
+
+    - The node's ``Context`` is pickled to the actor and back with every message
+      (``RayBackend.process_message``): its size and a dumps + loads each way, with an empty
+      ``context.state`` (FedAvg, or any method with ``client_state_dir``: task/state.py) and
+      with one personal model in it (Ditto, Local, FedBN without ``client_state_dir``).
+    - ``ray.nodes()``: what one call costs. ``flwr run``'s backend (``BasicActorPool``) calls it
+      once, when it builds the actor pool; the per-message call (``_check_actor_fits_in_pool``)
+      is in ``VirtualClientEngineActorPool``, used only by the deprecated ``start_simulation``.
+    - The message pickup (``vce_api.add_messages_to_queue``) passes over every node every
+      100 ms: bench/scale.py --engine-sweep times one pass.
+    """
+    import cloudpickle
+    from flwr.app import Context, RecordDict
+
+    from task.params import to_record
+
+    cfg = compose_config(overrides)
+    fed = load_federation(cfg, torch.device("cpu"))
+    model = build_model(cfg.model, fed.input_shape, fed.num_classes)
+    for label, state in (("empty context.state", RecordDict()),
+                         ("one personal model in context.state", RecordDict({"client-0.personal":
+                                                                             to_record(model_state(model))}))):
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 10},
+                          state=state, run_config={"overrides": overrides})
+        began = time.perf_counter()
+        for _ in range(20):
+            blob = cloudpickle.dumps(context)
+            cloudpickle.loads(blob)
+        each = (time.perf_counter() - began) / 20
+        print(f"  Context pickled ({label}): {len(blob) / 2**10:.0f} KiB, dumps + loads "
+              f"{each * 1000:.2f} ms; x2 per message (to the actor and back): {2 * each * 1000:.2f} ms",
+              flush=True)
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        ray.nodes()
+        began = time.perf_counter()
+        for _ in range(20):
+            ray.nodes()
+        print(f"  ray.nodes(): {(time.perf_counter() - began) / 20 * 1000:.2f} ms a call (flwr run: once per "
+              f"run, not per message)", flush=True)
+    finally:
+        ray.shutdown()
+
+
 def equal_cores_headline(flwr: dict, plain: dict, name: str, messages: int, lanes: int) -> str:
     """Flower against the plain loop on the same cores: wall and CPU ratios per round (rounds
     2..), and Flower's fixed cost per message (the difference spread over the round's messages;
@@ -343,6 +432,9 @@ def main() -> None:
     parser.add_argument("--skip-flwr", action="store_true")
     parser.add_argument("--plain", default="1x1,2x1,1x2",
                         help="plain loops to run, PROCESSESxTHREADS: 1x1, 2x1 (2 worker processes), 1x2")
+    parser.add_argument("--engine", action="store_true",
+                        help="only measure the simulation engine's per-message pieces (Context pickling, "
+                             "ray.nodes())")
     parser.add_argument("--in-process", action="store_true",
                         help="also run pflower's strategy and ClientApp handlers in this process (FakeGrid, "
                              "no Flower transport): pflower's own overhead over the plain loop")
@@ -351,10 +443,14 @@ def main() -> None:
     cfg = compose_config(overrides)
     clients = len(load_federation(cfg, torch.device("cpu")).clients)
     ports = tuple(int(p) for p in args.ports.split(","))
+    if args.engine:
+        engine_costs(overrides)
+        return
     lanes = 2  # ClientApp actors: pflower-sim gives each 1 CPU on this 2-core machine
     size = max(1, min(clients, round(float(cfg.fraction_train) * clients)))
     messages = size + clients  # a round: train the sampled clients, then every client evaluates
-    print(f"FedAvg overhead: {cfg.dataset.name}, {clients} clients, model {cfg.model.name}, "
+    print(f"FedAvg overhead: {cfg.dataset.name}, {clients} clients, model {cfg.model.name} "
+          f"(width {cfg.model.get('width', 1.0)}), "
           f"{args.rounds} rounds, local_epochs {cfg.local_epochs}, batch {cfg.batch_size}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__}, overrides {overrides!r}, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)

@@ -43,7 +43,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -53,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import server_app  # noqa: E402
+from bench.overhead import Watcher, _pids, descendants  # noqa: E402
 from task.config import compose_config  # noqa: E402
 from task.data import load_federation  # noqa: E402
 from task.params import model_state, num_bytes  # noqa: E402
@@ -135,34 +135,21 @@ def strategy_model(cfg, fed):
     return build_model(cfg.model, fed.input_shape, fed.num_classes)
 
 
-class TreeMemory:
+class TreeMemory(Watcher):
     """Peak RSS of the run's simulation process and of it with its descendants (Ray's
     daemons and actors), sampled every 0.5 s while a ``flwr run`` lasts."""
 
     def __init__(self, flwr_home: Path):
         self.flwr_home = flwr_home
         self.peak_sim = self.peak_tree = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        from bench.overhead import _pids
-
-        while not self._stop.wait(0.5):
-            for link in _pids(f"flower-superlink.*{self.flwr_home}"):
-                # SuperLink -> flower-superexec -> flwr-simulation -> Ray's daemons -> actors
-                for sim in [p for p in _descendants(link) if b"flwr-simulation" in _cmdline(p)]:
-                    tree = _descendants(sim)
-                    self.peak_sim = max(self.peak_sim, _status_kib(sim, "VmRSS") * 1024)
-                    self.peak_tree = max(self.peak_tree, sum(_status_kib(p, "VmRSS") for p in tree) * 1024)
+    def tick(self) -> None:
+        for link in _pids(f"flower-superlink.*{self.flwr_home}"):
+            # SuperLink -> flower-superexec -> flwr-simulation -> Ray's daemons -> actors
+            for sim in [p for p in descendants([link]) if b"flwr-simulation" in _cmdline(p)]:
+                tree = descendants([sim])
+                self.peak_sim = max(self.peak_sim, _status_kib(sim, "VmRSS") * 1024)
+                self.peak_tree = max(self.peak_tree, sum(_status_kib(p, "VmRSS") for p in tree) * 1024)
 
 
 def _cmdline(pid: int) -> bytes:
@@ -170,20 +157,6 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
 
 
 def through_flwr(clients: int, nodes: int, rounds: int, home: Path, out: Path,

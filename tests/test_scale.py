@@ -40,6 +40,7 @@ def test_eval_fraction_leaves_training_unchanged():
     full, _ = _run("")
     part, _ = _run("eval_fraction=0.5")
     assert all(r["evaluated_clients"] == 4 for r in full)
+    assert all("hosts" not in r for r in full)  # not under Ray: replies name no node
     assert [r["train_loss"] for r in full] == [r["train_loss"] for r in part]
     for f, p in zip(full, part, strict=True):
         assert all(f["per_client_accuracy"][c] == a for c, a in p["per_client_accuracy"].items())
@@ -79,11 +80,6 @@ def test_replies_under_ray_name_their_node_and_rows_count_them(monkeypatch):
         client_app.ray_node.cache_clear()
     assert rows[0]["hosts"] == {"10.1.2.3": 2 + 4}  # 2 trained (fraction_train 0.5), 4 evaluated
     assert rows[0]["rejected_replies"] == 0
-
-
-def test_rows_without_ray_have_no_hosts():
-    rows, _ = _run("", rounds=1)
-    assert "hosts" not in rows[0]
 
 
 @pytest.mark.parametrize("value, name", [
