@@ -304,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="check everything; print the flwr command only")
     args = parser.parse_args(argv)
     overrides = join_overrides(args.overrides)
+    # Before the door's checks (they build the federation): a run that cannot reach the
+    # cluster it names is refused at once.
+    problem = None if args.dry_run else ray_address_problem(args.ray_address)
+    if problem is not None:
+        print(f"pflower-sim: {problem}", file=sys.stderr)
+        return 2
     try:
         overrides = pin_output_dir(overrides)
         clients, directory = door(overrides)
@@ -326,10 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     print("+ " + prefix + shlex.join(command), flush=True)
     if args.dry_run:
         return 0
-    problem = ray_address_problem(args.ray_address)
-    if problem is not None:
-        print(f"pflower-sim: {problem}", file=sys.stderr)
-        return 2
     run = FlowerRun(command, directory, env)
     previous = {s: signal.signal(s, run.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
