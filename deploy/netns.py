@@ -129,9 +129,9 @@ class Deployment:
 
 def host_ip(host: str) -> str:
     """``link`` is .1, ``node<i>`` is .<i+2>, ``guest`` (a host outside the deployment) .200."""
-    if host in ("link", "guest"):
-        return f"{SUBNET}.1" if host == "link" else f"{SUBNET}.200"
-    return f"{SUBNET}.{int(host.removeprefix('node')) + 2}"
+    fixed = {"link": 1, "guest": 200}
+    last = fixed[host] if host in fixed else int(host.removeprefix("node")) + 2
+    return f"{SUBNET}.{last}"
 
 
 def link_address() -> str:
