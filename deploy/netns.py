@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,10 +221,11 @@ def register(dep: Deployment, node: int, pki_dir: Path | None = None) -> int:
     proc = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(pub), CONNECTION,
                            "--name", f"node-{node}", "--format", "json"],
                           env=dep.env, capture_output=True, text=True)
-    reply = proc.stdout[proc.stdout.find("{"):]
-    if proc.returncode != 0 or not reply:
+    start = proc.stdout.find("{")
+    reply = json.loads(proc.stdout[start:]) if start >= 0 else {}
+    if proc.returncode != 0 or "node-id" not in reply:
         raise RuntimeError(f"registering node-{node} failed: {proc.stdout}{proc.stderr}")
-    node_id = int(json.loads(reply)["node-id"])
+    node_id = int(reply["node-id"])
     dep.node_ids[str(node)] = node_id
     dep.save()
     return node_id
@@ -369,7 +371,7 @@ def compose(nodes: int) -> dict:
         "volumes": ["superlink-state:/state", "./outputs:/app/outputs",
                     *[f"./pki/{f}:/pki/{f}:ro" for f in ("ca.crt", "server.pem", "server.key")]]}}
     services["register"] = {
-        **image, "environment": {"FLWR_HOME": "/tmp/flwr"}, "depends_on": ["superlink"], "restart": "no",
+        **image, "depends_on": ["superlink"], "restart": "no",
         "command": ["python", "/app/deploy/netns.py", "register-all", "--nodes", str(nodes),
                     "--pki", "/pki", "--superlink", f"superlink:{PORT}"],
         "volumes": [f"./pki/{f}:/pki/{f}:ro" for f in ["ca.crt", *[f"node-{i}.pub" for i in range(nodes)]]]}
@@ -435,17 +437,19 @@ def register_all(nodes: int, pki_dir: Path, superlink: str) -> None:
     """Register ``node-<i>.pub`` for every node with the SuperLink at ``superlink``
     (the compose deployment's one-shot ``register`` service); already registered keys are
     skipped, so the service may run again after a restart."""
-    home = Path(os.environ.get("FLWR_HOME", "/tmp/flwr"))
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(connection_toml(superlink, str(pki_dir / "ca.crt")))
-    dep = Deployment(str(home), nodes, True, True)
-    wait_for(lambda: listening(superlink), 120, "the SuperLink is not listening")
-    for node in range(nodes):
-        try:
-            register(dep, node, pki_dir)
-        except RuntimeError as err:
-            if "already" not in str(err).lower():
-                raise
+    dep = Deployment(tempfile.mkdtemp(prefix="pflower-register-"), nodes, True, True)
+    (dep.root / "flwr").mkdir()
+    (dep.root / "flwr" / "config.toml").write_text(connection_toml(superlink, str(pki_dir / "ca.crt")))
+    try:
+        wait_for(lambda: listening(superlink), 120, "the SuperLink is not listening")
+        for node in range(nodes):
+            try:
+                register(dep, node, pki_dir)
+            except RuntimeError as err:
+                if "already in use" not in str(err).lower():
+                    raise
+    finally:
+        shutil.rmtree(dep.root, ignore_errors=True)
 
 
 # --- command line -------------------------------------------------------------------------------
