@@ -189,9 +189,11 @@ class PersonalState:
                 with np.load(path, allow_pickle=False) as data:
                     arrays = {k: data[k] for k in data.files if k != META}
                     out.append((int(data[META]), arrays))
-                # Read from disk only when context.state lacks it: a restarted node or a resume.
-                log(INFO, "client state %s of round %s read from %s (digest %s)",
-                    f"{self.prefix}{name}", out[-1][0], path, state_digest(arrays))
+                # Read from disk only when context.state lacks it: a restarted node or a resume
+                # (with the run's client_state_dir, every message: not worth a line and a hash).
+                if not self.disk_only:
+                    log(INFO, "client state %s of round %s read from %s (digest %s)",
+                        f"{self.prefix}{name}", out[-1][0], path, state_digest(arrays))
         return sorted(out, key=lambda v: -v[0])
 
     def _atomic_savez(self, filename: str, arrays: dict[str, np.ndarray]) -> None:
