@@ -32,8 +32,8 @@ and update centres v_k live on the server; client i is assigned to a_i. Round t:
 2. per cluster k, over every update of the round (``strategy.tc_over=all``, the authors' code;
    ``assigned``: only those of the clients that trained x_k), near-duplicate uploads merged:
        U <- collapse_near_duplicates(U)          (``task.robust``: uploads closer than
-                                                  ``duplicate_tolerance`` x the median pairwise
-                                                  distance count once: colluding copies such as
+                                                  ``duplicate_tolerance`` x the median nearest-
+                                                  neighbour distance count once: colluding copies such as
                                                   ALIE's or IPM's do not fill TC's radius)
        v_k <- TC(v_k, U, tau, R)                 (started at that centre: the previous v_k; in
                                                   the first round the cluster's seed, see below;
@@ -128,30 +128,30 @@ def pairwise_distances(X: torch.Tensor) -> torch.Tensor:
     return torch.cdist(X, X)
 
 
-def main_body(X: torch.Tensor) -> list[int]:
+def main_body(X: torch.Tensor, k: int) -> list[int]:
     """Rows within twice the median distance to the coordinate-wise median: the bulk of the
     population. A group of like uploads far from it (sign- or bit-flipped updates, Gaussian
-    noise) is left out, as long as it is a minority."""
+    noise) is left out, as long as it is a minority. Every row where that leaves at most k."""
     centre = robust.median(X).value.to(torch.float64)
     d = (X.to(torch.float64) - centre).norm(dim=1)
-    return [i for i in range(len(X)) if d[i] <= 2 * d.median()]
+    body = [i for i in range(len(X)) if d[i] <= 2 * d.median()]
+    return body if len(body) > k else list(range(len(X)))
 
 
-def seed_centres(X: torch.Tensor, k: int, quantile: float) -> list[int]:
+def seed_centres(X: torch.Tensor, k: int, quantile: float, body: list[int] | None = None) -> list[int]:
     """Row indices of K seed updates: farthest-first over the dense rows of the main body.
 
     A row is dense where its distance to its m-th nearest other row, m = max(1, floor(n q / 2)),
     is at most twice the median of that distance over the body: a lone outlier, or a group of
     fewer than m + 1 like uploads, is not (half the q-share of the population that TC assumes
     of a cluster, so that an honest cluster that lost some clients to Byzantine ones stays dense).
-    The traversal starts at the dense row farthest from the coordinate-wise median.
+    The traversal starts at the dense row farthest from the coordinate-wise median. ``body``:
+    ``main_body(X, k)`` where the caller has it already.
     """
     n = len(X)
     if n <= k:
         return list(range(n))
-    body = main_body(X)
-    if len(body) <= k:
-        body = list(range(n))
+    body = main_body(X, k) if body is None else body
     D = pairwise_distances(X)
     m = min(len(body) - 1, max(1, int(n * quantile / 2)))
     radius = torch.sort(D[body][:, body], dim=1).values[:, m]  # column 0 is the row itself
@@ -175,10 +175,8 @@ def initial_clusters(X: torch.Tensor, k: int, quantile: float, tolerance: float 
     would otherwise be half of the group it joins and drag that group's median onto itself.
     Returns every row's nearest centre and the K centres (fewer where there are at most K)."""
     rows, _ = robust.collapse_near_duplicates(X, tolerance)
-    body = main_body(rows)
-    if len(body) <= k:
-        body = list(range(len(rows)))
-    centres = rows[seed_centres(rows, k, quantile)].clone()
+    body = main_body(rows, k)
+    centres = rows[seed_centres(rows, k, quantile, body)].clone()
     for _ in range(iterations):
         labels = nearest_centre(rows[body], centres)
         groups = [[i for i, lab in zip(body, labels, strict=True) if lab == j] for j in range(len(centres))]
@@ -330,25 +328,32 @@ class Clustered(PFLStrategy):
         coordinate median of U_k."""
         centres = {k: robust.flatten(c, keys) for k, c in enumerate(self.centres) if c is not None}
         centres = {**starts, **centres}
+        # With tc_over=all every centre's TC runs over the same uploads: merge them once.
+        shared = self.merged_pool(X) if self.cfg.strategy.tc_over == "all" else None
         for k in sorted(set(trained)):
             rows = [i for i, t in enumerate(trained) if t == k]
-            v = self.cluster_update(X, rows, centres.get(k), [replies[i] for i in rows])
+            v = self.cluster_update(X, rows, centres.get(k), [replies[i] for i in rows], shared)
             centres[k] = v
             self.centres[k] = robust.unflatten(v, self.models[k], keys)
             self.models[k] = {**self.models[k], **{key: self.models[k][key] + value for key, value
                                                    in self.centres[k].items()}}
         return centres
 
+    def merged_pool(self, X: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The uploads with near-duplicates merged, and how many were merged."""
+        return robust.collapse_near_duplicates(X, float(self.cfg.strategy.duplicate_tolerance))
+
     def cluster_update(self, X: torch.Tensor, rows: list[int], start: torch.Tensor | None,
-                       replies: list[TrainReply]) -> torch.Tensor:
-        """TC over the cluster's updates (or all updates, ``tc_over=all``), from ``start``."""
+                       replies: list[TrainReply],
+                       shared: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+        """TC over the cluster's updates (or ``shared``: all updates merged, ``tc_over=all``),
+        from ``start``."""
         group = X[rows]
         if self.cfg.strategy.aggregate == "aggregator":
             merged = self.aggregate([{"u": row} for row in group], [r.num_examples for r in replies],
                                     center=None if start is None else {"u": start})
             return merged["u"]
-        pool = X if self.cfg.strategy.tc_over == "all" else group
-        pool, merged = robust.collapse_near_duplicates(pool, float(self.cfg.strategy.duplicate_tolerance))
+        pool, merged = shared if shared is not None else self.merged_pool(group)
         v0 = robust.median(group).value if start is None else start
         result = robust.threshold_clustering(pool, v0, float(self.cfg.strategy.quantile),
                                              int(self.cfg.strategy.tc_iterations))
