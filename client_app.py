@@ -25,7 +25,7 @@ from strategies.base import (
     RAY_NODE,
     hosted_clients,
 )
-from task.device import apply_determinism, determinism_enabled, resolve_device
+from task.device import configure_process, determinism_enabled, resolve_device
 from task.node_cache import cached_config, node_federation
 from task.params import from_record, to_record
 from task.state import PersonalState
@@ -73,7 +73,7 @@ def run_config(context: Context) -> DictConfig:
 def client_method(context: Context, msg: Message) -> ClientMethod:
     """The method's client half for this node, over cached data and its personal state."""
     cfg = run_config(context)
-    apply_determinism(bool(cfg.deterministic))  # before anything below can start CUDA
+    configure_process(cfg)  # before anything below can start CUDA
     if (cfg.device == "cpu" or not torch.cuda.is_available()) and int(cfg.client_threads) > 0:
         torch.set_num_threads(int(cfg.client_threads))
     device = resolve_device(str(cfg.device))
@@ -114,7 +114,7 @@ def query(msg: Message, context: Context) -> Message:
     partition = client_id(context)
     partitions = int(context.node_config.get("num-partitions", 0))
     cfg = run_config(context)
-    apply_determinism(bool(cfg.deterministic))
+    configure_process(cfg)
     on_disk = bool(context.node_config.get("state-dir") or cfg.client_state_dir)
     metrics = MetricRecord({"partition-id": partition, "num-partitions": partitions,
                             "state-on-disk": int(on_disk), "deterministic": int(determinism_enabled())})

@@ -16,7 +16,7 @@ from strategies import lookup
 from strategies.base import PFLStrategy
 from task.config import compose_config
 from task.data import Federation, load_federation
-from task.device import apply_determinism, determinism_enabled
+from task.device import configure_process, determinism_enabled
 from task.door import CHECKPOINT, check_run
 from task.models import build_model
 from task.outputs import RunOutputs
@@ -61,7 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     """Check the run at the door, claim its folder, run it; the folder's status says how it ended."""
     started = time.monotonic()
     cfg = compose_config(str(context.run_config.get("overrides", "")))
-    apply_determinism(bool(cfg.deterministic))  # before anything can start CUDA
+    configure_process(cfg)  # before anything can start CUDA
     federation = load_federation(cfg, torch.device("cpu"))
     strategy = build_strategy(cfg, federation)
     directory = check_run(cfg, federation, strategy.keeps_client_state)

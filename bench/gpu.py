@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from task.config import compose_config  # noqa: E402
 from task.data import load_federation  # noqa: E402
-from task.device import apply_determinism, resolve_device  # noqa: E402
+from task.device import configure_process, resolve_device  # noqa: E402
 from task.models import build_model  # noqa: E402
 from task.params import load_partial, model_state, weighted_mean  # noqa: E402
 from task.training import evaluate, step_generator, train_epochs  # noqa: E402
@@ -163,7 +163,7 @@ def interleaved(overrides: str) -> tuple[list[dict], list[dict]]:
     """The plain loop's and pflower's rounds, one of each in turn: load from other processes
     on the machine then falls on both alike."""
     cfg = compose_config(overrides)
-    apply_determinism(bool(cfg.deterministic))
+    configure_process(cfg)
     device = resolve_device(str(cfg.device))
     if device.type == "cpu" and int(cfg.client_threads) > 0:
         torch.set_num_threads(int(cfg.client_threads))  # as each ClientApp does

@@ -89,6 +89,7 @@ TOP_SCHEMA: Schema = {
     "eval_fraction": FRACTION,
     "device": Field(str, choices=("auto", "cpu", "cuda")),
     "deterministic": Field(bool),
+    "reuse_freed_memory_mb": Field(int, 0),
     "node_wait_timeout": POSITIVE,
     "round_timeout": POSITIVE,
     "min_replies": COUNT,
