@@ -9,7 +9,7 @@ v_i starts as the first w_g the client receives. Personal accuracy is v_i's.
 from __future__ import annotations
 
 from task.config import COUNT, POSITIVE, register_strategy_schema
-from task.params import model_state
+from task.params import message_state, model_state
 from task.training import proximal_penalty
 
 from .base import PFLStrategy
@@ -39,7 +39,7 @@ class DittoClient(ClientMethod):
         personal_loss = self.fit(v, server_round, epochs=int(self.cfg.strategy.personal_epochs),
                                  stream=1, penalty=penalty)
         self.state.save("personal", model_state(v))
-        return TrainResult(model_state(w), self.data.num_train,
+        return TrainResult(message_state(w.state_dict()), self.data.num_train,
                            {"train_loss": loss, "personal_loss": personal_loss})
 
     def evaluate(self, received, config):

@@ -9,7 +9,7 @@ Personalized accuracy of FedAvg = w_g scored on each client's own test split.
 from __future__ import annotations
 
 from task.config import register_strategy_schema
-from task.params import model_state
+from task.params import message_state
 
 from .base import PFLStrategy
 from .client_base import ClientMethod, TrainResult
@@ -31,7 +31,7 @@ class FedAvgClient(ClientMethod):
     def train(self, received, config):
         model = self.model("main", received)
         loss = self.fit(model, int(config["server-round"]), **self.loss_terms(received))
-        return TrainResult(model_state(model), self.data.num_train, {"train_loss": loss})
+        return TrainResult(message_state(model.state_dict()), self.data.num_train, {"train_loss": loss})
 
     def loss_terms(self, received) -> dict:
         """Extra arguments of the local objective (none for FedAvg)."""

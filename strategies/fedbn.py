@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from task.config import register_strategy_schema
 from task.models import batchnorm_keys
-from task.params import model_state
+from task.params import message_state, model_state
 
 from .base import PFLStrategy
 from .client_base import ClientMethod, TrainResult
@@ -28,7 +28,7 @@ class FedBN(PFLStrategy):
     @classmethod
     def from_model(cls, cfg, model, partition_sizes):
         bn = batchnorm_keys(model)
-        shared = {k: v for k, v in model_state(model).items() if k not in bn}
+        shared = message_state({k: v for k, v in model.state_dict().items() if k not in bn})
         return cls(cfg, shared, partition_sizes)
 
 
@@ -45,7 +45,7 @@ class FedBNClient(ClientMethod):
         loss = self.fit(model, int(config["server-round"]))
         bn = batchnorm_keys(model)
         self.state.save("bn", model_state(model, bn))
-        shared = {k: v for k, v in model_state(model).items() if k not in bn}
+        shared = message_state({k: v for k, v in model.state_dict().items() if k not in bn})
         return TrainResult(shared, self.data.num_train, {"train_loss": loss})
 
     def evaluate(self, received, config):

@@ -41,7 +41,7 @@ import torch
 from flwr.common import log
 
 from task.config import Field, register_strategy_schema
-from task.params import StateDict, damped_step, model_state
+from task.params import StateDict, damped_step, message_state
 from task.training import proximal_penalty
 
 from .base import PFLStrategy
@@ -155,8 +155,9 @@ class FedCLUPClient(ClientMethod):
         lam = float(config["lam"])
         model = self.personal_model()
         loss = self.fit(model, int(config["server-round"]), penalty=proximal_penalty(received, lam))
-        self.state.save("personal", model_state(model))
-        return TrainResult(model_state(model), self.data.num_train, {"train_loss": loss, "lam": lam})
+        w_i = message_state(model.state_dict())  # kept, and uploaded without another copy
+        self.state.save("personal", w_i)
+        return TrainResult(w_i, self.data.num_train, {"train_loss": loss, "lam": lam})
 
     def evaluate(self, received, config):
         return self.report(self.personal_model(), self.model("global", received))

@@ -57,7 +57,7 @@ from task.lowrank import (
     svt_factors,
     to_matrix,
 )
-from task.params import StateDict, model_state, num_bytes
+from task.params import StateDict, message_state, model_state, num_bytes
 from task.training import Penalty
 
 from .base import PFLStrategy, array_spec
@@ -263,7 +263,7 @@ class FedSLRClient(ClientMethod):
         mu = self.state.load("mu") or {n: torch.zeros_like(w_s[n]) for n in params}
         loss = self.fit(w, server_round, lr=lr, weight_decay=float(s.weight_decay),
                         penalty=feddyn_penalty(w_s, mu, alpha))
-        w_i = model_state(w)
+        w_i = message_state(w.state_dict())
         self.state.save("mu", dual_update(mu, w_s, w_i, alpha))
         # 2. Stage 2: p on w_s + p (w_s fixed), soft-thresholded after every SGD step.
         personal = GlobalPlusPersonal(self.model("base", w_s), self.personal_part())

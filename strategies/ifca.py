@@ -24,7 +24,7 @@ import torch
 
 from task.cluster_metrics import cluster_ari
 from task.config import COUNT, Field, register_strategy_schema
-from task.params import StateDict, model_state
+from task.params import StateDict, message_state, model_state
 from task.training import evaluate
 
 from .base import PFLStrategy, array_spec
@@ -156,7 +156,7 @@ class IFCAClient(ClientMethod):
         self.chosen = models[j]
         model = self.model("main", models[j])
         loss = self.fit(model, int(config["server-round"]))
-        return TrainResult(model_state(model), self.data.num_train,
+        return TrainResult(message_state(model.state_dict()), self.data.num_train,
                            {"train_loss": loss, CLUSTER: j, "cluster_loss": losses[j]})
 
     def upload_reference(self, received, upload, config):

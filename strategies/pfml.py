@@ -42,7 +42,7 @@ from torch import nn
 
 from task.config import Field, register_strategy_schema
 from task.mutual import iteration_batches, mutual_loss, outer_gradient, prox_steps
-from task.params import StateDict, damped_step, model_state
+from task.params import StateDict, damped_step, message_state, model_state
 from task.training import batches
 
 from .base import PFLStrategy
@@ -89,7 +89,7 @@ class PFMLClient(ClientMethod):
         w = self.model("global", received)
         loss_m, loss_w = self.mutual_train(m, w, received, server_round)
         self.state.save("personal", model_state(m))
-        return TrainResult(model_state(w), self.data.num_train,
+        return TrainResult(message_state(w.state_dict()), self.data.num_train,
                            {"train_loss": loss_w, "personal_loss": loss_m})
 
     def mutual_train(self, m: nn.Module, w: nn.Module, w_t: StateDict,

@@ -3,7 +3,8 @@
 The data path moves every byte the fewest times it can (docs/gpu.md):
 
 - ``to_record``: each tensor is copied once, into its message buffer (on CUDA: all of a state
-  dict's tensors to pinned host memory in one batch, then into the buffers);
+  dict's tensors to pinned host memory in one batch, then into the buffers); an upload made
+  by ``message_state`` is already there and is not copied again;
 - ``from_record``: arrays are read in place from the message's bytes (no copy on the CPU; on
   CUDA one host-to-device copy, made once per process for a record several clients receive);
 - ``weighted_mean``: one pass over every upload, in slices that keep the float64 sums in cache.
@@ -27,12 +28,47 @@ StateDict = dict[str, torch.Tensor]
 
 
 def to_record(state: StateDict) -> ArrayRecord:
-    """A state dict as an ArrayRecord (numpy-serialised, never pickled), one copy per tensor."""
-    tensors = {k: v.detach() for k, v in state.items()}
+    """A state dict as an ArrayRecord (numpy-serialised, never pickled), one copy per tensor;
+    none for a tensor of ``message_state``, which already lives in its message buffer."""
+    arrays = {k: a for k, a in ((k, _own_array(v)) for k, v in state.items()) if a is not None}
+    tensors = {k: v.detach() for k, v in state.items() if k not in arrays}
     if any(v.device.type == "cuda" for v in tensors.values()):
         tensors = _to_pinned_host(tensors)
     # .cpu() returns a CPU tensor itself (no copy); another device's tensor makes its one copy.
-    return ArrayRecord({k: encode(v.cpu().numpy()) for k, v in tensors.items()})
+    arrays.update((k, encode(v.cpu().numpy())) for k, v in tensors.items())
+    return ArrayRecord({k: arrays[k] for k in state})
+
+
+# A tensor of ``message_state`` carries its message Array and where its values start.
+_MESSAGE_ARRAY = "_pflower_message_array"
+
+
+def message_state(state: StateDict) -> StateDict:
+    """A copy of ``state`` made straight into message buffers: each tensor is a read-only view
+    of the ``Array`` that ``to_record`` then puts in a message as it is (no second copy).
+
+    For what a client uploads: a model's weights need a copy of their own (the model trains
+    again), and a message needs one; this is both. The tensors are on the CPU and read-only
+    by contract, as those of ``from_record``.
+    """
+    out = {}
+    for key, array in to_record(state).items():
+        values = view(array)
+        out[key] = tensor = as_tensor(values)
+        if not values.flags.writeable:  # a view of the message's bytes, not a copy of them
+            setattr(tensor, _MESSAGE_ARRAY, (array, tensor.data_ptr()))
+    return out
+
+
+def _own_array(tensor: torch.Tensor) -> Array | None:
+    """The message Array a ``message_state`` tensor views, if it still views all of it."""
+    tag = getattr(tensor, _MESSAGE_ARRAY, None)
+    if tag is None:
+        return None
+    array, start = tag
+    same = (tensor.data_ptr() == start and tuple(tensor.shape) == tuple(array.shape)
+            and tensor.is_contiguous() and str(tensor.numpy().dtype) == array.dtype)
+    return array if same else None
 
 
 def _to_pinned_host(tensors: StateDict) -> StateDict:

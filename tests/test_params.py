@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from task import params
-from task.params import all_finite, from_record, subtract, to_record, weighted_mean
+from task.params import all_finite, from_record, message_state, subtract, to_record, weighted_mean
 
 
 def test_weighted_mean_is_the_p_weighted_average():
@@ -94,3 +94,28 @@ def test_all_finite_reads_a_sum_and_checks_values_only_when_it_is_not_finite():
     for bad in (float("nan"), float("inf"), -float("inf")):
         assert not all_finite(torch.tensor([1.0, bad, 2.0]))
     assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
+
+
+def test_message_state_is_a_copy_that_goes_into_a_message_without_another():
+    model = torch.nn.Linear(4, 3)
+    state = message_state(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the model trains on: the copy keeps its values
+    assert not torch.equal(state["weight"], model.weight)
+    record = to_record(state)
+    for key, tensor in state.items():  # the upload's record holds the copy's own buffers
+        data = record[key].data
+        start = np.frombuffer(data, np.uint8).ctypes.data
+        assert start < tensor.data_ptr() < start + len(data)
+    assert torch.equal(from_record(record)["bias"], state["bias"])
+
+
+def test_only_the_unchanged_tensors_of_a_message_state_skip_the_copy():
+    state = message_state({"w": torch.randn(2, 3), "b": torch.randn(3), "c": torch.randn(4)})
+    edited = {"w": -state["w"], "b": state["b"], "c": state["c"][1:]}  # new, kept, a slice
+    record = to_record(edited)
+    assert record["b"].data is to_record(state)["b"].data  # the same buffer, not a copy
+    assert record["w"].data is not to_record(state)["w"].data
+    for key in edited:  # every value right, whichever way it went
+        assert torch.equal(from_record(record)[key], edited[key])
