@@ -112,6 +112,14 @@ def _groups(groups: int, channels: int) -> int:
     return g
 
 
+class GlobalMeanPool(nn.Module):
+    """``AdaptiveAvgPool2d(1)``'s values as a mean over the spatial dimensions, whose CUDA
+    backward (an expand) is deterministic; AdaptiveAvgPool2d's is not (docs/gpu.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 class ResNet18GN(nn.Module):
     """ResNet-18 with GroupNorm, CIFAR-style: 3x3 stem, no max-pool, [2, 2, 2, 2] basic blocks
     of 64-128-256-512 channels (times ``width``), global average pool, fc(classes).
@@ -129,7 +137,7 @@ class ResNet18GN(nn.Module):
             stride = 1 if i == 0 else 2
             layers += [BasicBlockGN(in_planes, p, stride, groups), BasicBlockGN(p, p, 1, groups)]
             in_planes = p
-        self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.layers = nn.Sequential(*layers, GlobalMeanPool(), nn.Flatten())
         self.classifier = nn.Linear(in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

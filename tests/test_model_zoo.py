@@ -34,3 +34,21 @@ def test_resnet18_gn_has_groupnorm_and_no_batchnorm():
 def test_lenet5_refuses_tiny_images():
     with pytest.raises(ValueError, match="lenet5"):
         build_model(OmegaConf.create({"name": "lenet5"}), (1, 8, 8), 10)
+
+
+def test_global_mean_pool_is_adaptive_avg_pool_to_one_and_raises_no_determinism_error():
+    """On CUDA (where AdaptiveAvgPool2d's backward would raise) this checks the whole model."""
+    from task.device import apply_determinism
+    from task.models import GlobalMeanPool
+
+    x = torch.randn(2, 3, 5, 7, requires_grad=True)
+    assert torch.allclose(GlobalMeanPool()(x), torch.nn.AdaptiveAvgPool2d(1)(x), atol=1e-6)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(OmegaConf.create({"name": "resnet18_gn", **CONFIGS["resnet18_gn"]}),
+                        (3, 16, 16), 10).to(device)
+    assert not any(isinstance(m, torch.nn.AdaptiveAvgPool2d) for m in model.modules())
+    torch._C._set_deterministic_algorithms(True, warn_only=False)  # a non-deterministic kernel raises
+    try:
+        model(torch.randn(2, 3, 16, 16, device=device)).sum().backward()
+    finally:
+        apply_determinism(True)  # tests/conftest.py's setting
