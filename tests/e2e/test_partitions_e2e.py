@@ -9,40 +9,19 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
 
-import server_app
-
-from ..fake_grid import FakeGrid
+from ..fake_grid import InProcessRunner
 
 pytestmark = pytest.mark.slow
 
 
-class InProcessRunner:
-    """``flwr_runner``'s ``run``/``results`` over the in-process grid (4 clients)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def run(self, name: str, overrides: str) -> Path:
-        out = self.root / name
-        full = f"{overrides} output_dir={out}"
-        server_app.main(FakeGrid(4, full), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                                   run_config={"overrides": full}))
-        return out
-
-    @staticmethod
-    def results(out: Path) -> dict:
-        return json.loads((out / "results.json").read_text())
-
-
 @pytest.fixture
 def flwr_runner(tmp_path):
-    return InProcessRunner(tmp_path)
+    return InProcessRunner(tmp_path / "runs")
+
 
 MNIST5K = "dataset=mnist5k model=mlp local_epochs=2 num_rounds=1"
 
