@@ -17,6 +17,10 @@ def rows_of(out) -> list[dict]:
 
 def test_pfml_reports_personal_and_global_accuracy(flwr_runner):
     out = flwr_runner.run("pfml", f"{TINY} strategy=pfml strategy.K=1 strategy.beta=2 num_rounds=2")
+    # deterministic (default true) applied in the ServerApp and in the ClientApp process of
+    # each of the 4 SuperNodes (what their identity replies said).
+    assert ("deterministic algorithms on in the ServerApp, on in 4 of 4 ClientApp nodes"
+            in flwr_runner.last_log)
     rows = rows_of(out)
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["rejected_replies"] == 0 and r["global_accuracy"] is not None for r in rows)
