@@ -1,4 +1,9 @@
-"""A paper preset through `flwr run`: `+experiment=lgmix_digits5` on tiny digits-5 pickles."""
+"""A paper preset, `+experiment=lgmix_digits5`, on tiny digits-5 pickles and 5 nodes.
+
+Run in-process (the real ServerApp and ClientApp handlers over ``tests/fake_grid.py``, every
+message through Flower's protobuf encoding): what a preset sets is data, model and selection,
+not transport; a `flwr run` would add ~25 s of start-up.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,15 @@ import pickle
 import numpy as np
 import pytest
 
+from ..fake_grid import InProcessRunner
+
 pytestmark = pytest.mark.slow
 
 DOMAINS = ("MNIST", "SVHN", "USPS", "SynthDigits", "MNIST_M")
 
 
-def test_lgmix_digits5_preset_reports_final_best_by_validation_and_per_domain(flwr_runner, tmp_path):
+def test_lgmix_digits5_preset_reports_final_best_by_validation_and_per_domain(tmp_path):
+    flwr_runner = InProcessRunner(tmp_path / "runs")
     rng = np.random.default_rng(0)
     for domain in DOMAINS:  # LG-Mix's layout: train_stratified.pkl / test_stratified.pkl
         for name, n in (("train_stratified.pkl", 40), ("test_stratified.pkl", 12)):
