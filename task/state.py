@@ -32,7 +32,7 @@ from flwr.app import Context
 from flwr.common import log
 
 from task.outputs import atomic_write
-from task.params import decode, encode
+from task.params import as_tensor, encode, view
 
 StateDict = dict[str, torch.Tensor]
 META = "__round__"
@@ -56,15 +56,22 @@ class _Version:
     returns, and a save re-stores the previous version's ArrayRecord as it is.
     """
 
-    __slots__ = ("_arrays", "_record")
+    __slots__ = ("_arrays", "_record", "_npz")
 
-    def __init__(self, arrays: dict[str, np.ndarray] | None = None, record: Any = None):
-        self._arrays, self._record = arrays, record
+    def __init__(self, arrays: dict[str, np.ndarray] | None = None, record: Any = None,
+                 npz: Any = None):
+        self._arrays, self._record, self._npz = arrays, record, npz
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays (from a record: read in place from its bytes, read-only; from an open
+        ``.npz``: read when first asked for, so an older version nobody loads is never read)."""
+        if self._arrays is None and self._npz is not None:
+            with self._npz as data:
+                self._arrays = {k: data[k] for k in data.files if k != META}
+            self._npz = None
         if self._arrays is None:
-            self._arrays = {k: decode(a) for k, a in self._record.items()}
+            self._arrays = {k: view(a) for k, a in self._record.items()}
         return self._arrays
 
     @property
@@ -107,7 +114,8 @@ class PersonalState:
         arrays = self._load_arrays(name)
         if arrays is None:
             return None
-        return {k: torch.from_numpy(v.copy()).to(self.device) for k, v in arrays.items()}
+        # One copy, straight to the device: the caller may write to what it loads.
+        return {k: as_tensor(v).to(self.device, copy=True) for k, v in arrays.items()}
 
     def save(self, name: str, state: StateDict) -> None:
         """Save ``state`` as this round's version of ``name`` (the previous one stays on disk)."""
@@ -153,7 +161,7 @@ class PersonalState:
         if name not in self._versions:
             versions = self._read_record(name)
             if not versions and self.dir is not None:
-                versions = [(r, _Version(arrays=a)) for r, a in self._read_disk(name)]
+                versions = self._read_disk(name)
             self._versions[name] = versions
         return self._versions[name]
 
@@ -181,19 +189,25 @@ class PersonalState:
         return [(r, _Version(record=self.record.array_records[f"{self.prefix}{name}{slot}"]))
                 for slot, r in zip(("", ".prev"), rounds, strict=False)]
 
-    def _read_disk(self, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:
+    def _read_disk(self, name: str) -> list[tuple[int, _Version]]:
+        """The versions on disk, newest first, each read only when its arrays are asked for.
+
+        Each file stays open until then, so a later rename (``_write_disk``'s rotation) cannot
+        change what it reads.
+        """
         out = []
         for slot in ("", ".prev"):
             path = self.dir / f"{name}{slot}.npz"
-            if path.exists():
-                with np.load(path, allow_pickle=False) as data:
-                    arrays = {k: data[k] for k in data.files if k != META}
-                    out.append((int(data[META]), arrays))
-                # Read from disk only when context.state lacks it: a restarted node or a resume
-                # (with the run's client_state_dir, every message: not worth a line and a hash).
-                if not self.disk_only:
-                    log(INFO, "client state %s of round %s read from %s (digest %s)",
-                        f"{self.prefix}{name}", out[-1][0], path, state_digest(arrays))
+            if not path.exists():
+                continue
+            npz = np.load(path, allow_pickle=False)
+            version = _Version(npz=npz)
+            out.append((int(npz[META]), version))
+            # Read from disk only when context.state lacks it: a restarted node or a resume
+            # (with the run's client_state_dir, every message: not worth a line and a hash).
+            if not self.disk_only:
+                log(INFO, "client state %s of round %s read from %s (digest %s)",
+                    f"{self.prefix}{name}", out[-1][0], path, state_digest(version.arrays))
         return sorted(out, key=lambda v: -v[0])
 
     def _atomic_savez(self, filename: str, arrays: dict[str, np.ndarray]) -> None:

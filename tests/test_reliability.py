@@ -222,6 +222,25 @@ def test_memory_keeps_one_version_and_the_disk_two(tmp_path):
         assert (int(prev["__round__"]), float(prev["w"][0])) == (2, 2.0)
 
 
+def test_a_load_from_disk_reads_only_the_version_it_returns(tmp_path):
+    """With the run's client_state_dir every message reads the disk: the previous version
+    (kept for a resume) is opened but not read unless it is the one to return."""
+    def state(r, after=False):
+        return PersonalState(make_context(0), 0, torch.device("cpu"), r, state_dir=str(tmp_path),
+                             after_training=after)
+
+    state(1).save("p", {"w": torch.tensor([1.0])})
+    state(2).save("p", {"w": torch.tensor([2.0])})
+    prev = tmp_path / "client-0" / "p.prev.npz"
+    with np.load(prev) as data:
+        kept = {k: data[k] for k in data.files}
+    # Its array now a pickle, which np.load(allow_pickle=False) refuses to read.
+    np.savez(prev, __round__=np.asarray(1), w=np.array([object()], dtype=object))
+    assert float(state(3).load("p")["w"]) == 2.0
+    np.savez(prev, **kept)
+    assert float(state(2).load("p")["w"]) == 1.0  # a resumed round 2 needs the previous one
+
+
 # --- checkpoint and resume through the real ServerApp --------------------------------------
 class _KilledError(Exception):
     pass
