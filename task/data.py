@@ -19,8 +19,10 @@ from its own share, so it follows the client's own distribution.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -203,19 +205,59 @@ def federation_key(cfg: DictConfig) -> str:
 
 
 @lru_cache(maxsize=2)
-def _cached_federation(key: str, device: str) -> Federation:
-    fed = build_federation(OmegaConf.create(json.loads(key)))
-    for c in fed.clients:
-        c.x_train, c.y_train = c.x_train.to(device), c.y_train.to(device)
-        c.x_test, c.y_test = c.x_test.to(device), c.y_test.to(device)
-        if c.x_val is not None:
-            c.x_val, c.y_val = c.x_val.to(device), c.y_val.to(device)
-    return fed
+def _cached_federation(key: str) -> Federation:
+    return build_federation(OmegaConf.create(json.loads(key)))
+
+
+def client_on(data: ClientData, device: torch.device | str) -> ClientData:
+    """``data`` with its tensors on ``device`` (the same object where they are there already)."""
+    tensors = {k: v.to(device) for k, v in vars(data).items() if isinstance(v, torch.Tensor)}
+    if all(t is getattr(data, k) for k, t in tensors.items()):
+        return data
+    return dataclasses.replace(data, **tensors)
+
+
+class DeviceClients(Sequence):
+    """A federation's clients, each moved to ``device`` when first read, then kept there.
+
+    A process moves the data of the clients it serves, not the whole federation: a simulated
+    ClientApp actor or a SuperNode serves some of the clients, and on a GPU every process
+    copying every client's data would cost start-up time and device memory for nothing.
+    """
+
+    def __init__(self, clients: Sequence[ClientData], device: torch.device | str):
+        self._source, self._device = clients, device
+        self._moved: dict[int, ClientData] = {}
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int | slice) -> ClientData | list[ClientData]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = range(len(self))[index]  # a negative index as a list's, IndexError past the end
+        if i not in self._moved:
+            self._moved[i] = client_on(self._source[i], self._device)
+        return self._moved[i]
+
+    def moved(self) -> list[int]:
+        """The clients whose data this process has on the device."""
+        return sorted(self._moved)
+
+
+@lru_cache(maxsize=4)
+def _federation_on(key: str, device: str) -> Federation:
+    fed = _cached_federation(key)
+    if torch.device(device).type == "cpu":
+        return fed
+    return dataclasses.replace(fed, clients=DeviceClients(fed.clients, device))
 
 
 def load_federation(cfg: DictConfig, device: torch.device) -> Federation:
-    """The federation as tensors on ``device``, built once per process and then reused.
+    """The federation as tensors on ``device``, built once per process and then reused; on a
+    device other than the CPU each client's tensors move there when first read
+    (``DeviceClients``), so a process moves only the clients it serves.
 
     Read-only data may be cached per process; per-client mutable state never is.
     """
-    return _cached_federation(federation_key(cfg), str(device))
+    return _federation_on(federation_key(cfg), str(device))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from task.data import DOMAINS, build_federation, render_domain
+from task.data import DOMAINS, build_federation, load_federation, render_domain
 
 from .helpers import tiny_cfg
 
@@ -51,3 +51,19 @@ def test_digits_read_without_sklearn_match_load_digits():
     bunch = load_digits()
     assert pixels.shape == (1797, 8, 8) and (pixels == bunch.images).all()
     assert (labels == bunch.target).all()
+
+
+def test_a_process_moves_only_the_clients_it_reads_to_the_device():
+    # "meta" stands in for a GPU here: a device other than the CPU, without one.
+    cfg = tiny_cfg()
+    on_cpu, on_device = load_federation(cfg, torch.device("cpu")), load_federation(cfg, torch.device("meta"))
+    assert len(on_device.clients) == len(on_cpu.clients) > 2
+    assert on_device.clients.moved() == []
+    served, last = on_device.clients[2], len(on_cpu.clients) - 1
+    assert served.x_train.device.type == "meta" and served.y_test.device.type == "meta"
+    assert served.x_train.shape == on_cpu.clients[2].x_train.shape
+    assert served.domain == on_cpu.clients[2].domain
+    assert on_device.clients[2] is served and on_device.clients[-1] is on_device.clients[last]
+    assert on_device.clients.moved() == [2, last]
+    assert on_cpu.clients[2].x_train.device.type == "cpu"  # the CPU federation is left as it is
+    assert load_federation(cfg, torch.device("meta")).clients is on_device.clients  # once per process
