@@ -263,8 +263,8 @@ class FedSLRClient(ClientMethod):
         mu = self.state.load("mu") or {n: torch.zeros_like(w_s[n]) for n in params}
         loss = self.fit(w, server_round, lr=lr, weight_decay=float(s.weight_decay),
                         penalty=feddyn_penalty(w_s, mu, alpha))
-        w_i = message_state(w.state_dict())
-        self.state.save("mu", dual_update(mu, w_s, w_i, alpha))
+        self.state.save("mu", dual_update(mu, w_s, w.state_dict(), alpha))  # on the device
+        w_i = message_state(w.state_dict())  # the upload: one copy, into its message
         # 2. Stage 2: p on w_s + p (w_s fixed), soft-thresholded after every SGD step.
         personal = GlobalPlusPersonal(self.model("base", w_s), self.personal_part())
         personal_loss = self.fit(personal, server_round, epochs=int(s.personal_epochs), lr=lr,
