@@ -13,6 +13,14 @@ namespace over TLS. The tests check what a lab relies on:
   reads back exactly the personal model it had saved (the digest it logs equals the file's)
   and trains on from it.
 
+Flower 1.41 hard-codes a SuperNode's heartbeat interval (30 s, ``HEARTBEAT_DEFAULT_INTERVAL``
+in flwr/common/constant.py; no flag or environment variable sets it) and counts a node online
+for 2 intervals after its last heartbeat: a killed node is marked offline after up to 60 s.
+The SuperNodes here run with 10 s, the least the SuperLink accepts (``HEARTBEAT_MIN_INTERVAL``),
+set by a ``sitecustomize`` on their PYTHONPATH (``HEARTBEAT_10S``): the fault test then waits
+~20 s, not ~60 s, for the offline mark. Only the node's heartbeat changes; the SuperLink, the
+ServerApp and the ClientApp processes keep Flower's defaults.
+
 Skipped only where network namespaces cannot be made (not root, no `ip netns`).
 """
 
@@ -41,6 +49,15 @@ TINY = "dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.im
 # for the killed node costs this much. A slower machine can raise it.
 ROUND_TIMEOUT = float(os.environ.get("PFLOWER_E2E_ROUND_TIMEOUT", "60"))
 VICTIM = 3
+# Loaded by every Python process started with the lab's environment; acts in SuperNodes only.
+HEARTBEAT_10S = """\
+import sys
+if sys.argv and sys.argv[0].endswith("flower-supernode"):
+    import flwr.supercore.heartbeat as _sender
+    import flwr.supernode.fleet_http_connection as _fleet
+    _sender.HEARTBEAT_DEFAULT_INTERVAL = _fleet.HEARTBEAT_DEFAULT_INTERVAL = 10
+    print("pflower test: SuperNode heartbeat interval 10 s", file=sys.stderr, flush=True)
+"""
 
 
 def namespaces_unavailable() -> str | None:
@@ -57,8 +74,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(UNAVAILABLE is not None, reas
 
 
 def netns(root: Path, *args: str, timeout: float = 180) -> str:
+    """deploy/netns.py on ``root``; what it starts gets the 10 s SuperNode heartbeat."""
+    site = root.parent / "site"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(HEARTBEAT_10S)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
     proc = subprocess.run([*NETNS, "--dir", str(root), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -138,6 +160,9 @@ def test_killed_supernode_is_left_out_then_resumes_from_its_saved_state(lab):
     assert missing[0] == [] and missing[2] in ([], [VICTIM]) and missing[3] == [], missing
     # The restarted node read back exactly what it had saved, then trained on from it.
     assert saved, "the victim had saved no state before it was killed"
+    for node in range(NODES):  # every SuperNode, the restarted one too, ran with the 10 s heartbeat
+        assert "SuperNode heartbeat interval 10 s" in (lab / f"node-{node}" / "supernode.log").read_text()
+    assert node_log.read_text().count("SuperNode heartbeat interval 10 s") == 2
     restarted = node_log.read_text().split("Starting Flower SuperNode")[-1]
     for path, (saved_round, digest) in saved.items():
         if not path.endswith(".prev.npz"):
