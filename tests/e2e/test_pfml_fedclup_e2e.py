@@ -1,4 +1,10 @@
-"""PFML and FedCLUP through `flwr run` (simulation, Ray backend): two rounds each on tiny data."""
+"""PFML through `flwr run` (simulation, Ray backend) and FedCLUP in-process: two rounds each.
+
+FedCLUP's messages are the train and evaluate messages of the baselines, which `flwr run`
+carries in test_flwr_run.py and elsewhere; what is checked here (lam adapted once, logged every
+round) is the server's, so it runs over ``tests/fake_grid.py`` with the real ServerApp and
+ClientApp handlers and Flower's protobuf encoding (a `flwr run` would add ~25 s of start-up).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 
 import pytest
 
+from ..fake_grid import InProcessRunner
 from .conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -31,7 +38,8 @@ def test_pfml_reports_personal_and_global_accuracy(flwr_runner):
     assert results["bytes_up"] > 0 and results["bytes_down"] > 0
 
 
-def test_fedclup_adapts_lam_and_logs_it_every_round(flwr_runner):
+def test_fedclup_adapts_lam_and_logs_it_every_round(tmp_path):
+    flwr_runner = InProcessRunner(tmp_path)
     out = flwr_runner.run("fedclup", f"{TINY} strategy=fedclup strategy.lam=0.5 strategy.adaptive=true "
                                      "strategy.adapt_at=0.5 num_rounds=2")
     rows = rows_of(out)
