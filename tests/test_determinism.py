@@ -8,6 +8,7 @@ ServerApp log line reports what each ClientApp node said in its identity reply.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -86,3 +87,25 @@ def test_the_cublas_setting_is_kept_when_the_environment_has_one(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     apply_determinism(True)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+
+
+class _InductorConfigWithout:
+    """torch 2.9's ``torch._inductor.config``: no ``deterministic`` flag, and setting an
+    unknown key raises, as its config module does."""
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"torch._inductor.config.{name} does not exist")
+
+
+class _InductorConfigWith:
+    deterministic = False  # torch 2.10+: the flag use_deterministic_algorithms also sets
+
+
+def test_inductor_flag_is_set_only_where_torch_has_one(monkeypatch):
+    with_flag = _InductorConfigWith()
+    monkeypatch.setitem(sys.modules, "torch._inductor.config", with_flag)
+    apply_determinism(True)
+    assert with_flag.deterministic is True
+    monkeypatch.setitem(sys.modules, "torch._inductor.config", _InductorConfigWithout())
+    apply_determinism(True)  # raised AttributeError with torch 2.9.1 before
+    assert torch.are_deterministic_algorithms_enabled()
