@@ -1,4 +1,4 @@
-"""End-to-end fixtures: `flwr run` against a local SuperLink in a temporary FLWR_HOME.
+"""End-to-end fixtures: `flwr run` against a local SuperLink of their own (temporary FLWR_HOME, free ports).
 
 The SuperLink that `flwr run` starts in the background, and everything it spawned, is
 stopped when the tests end.
@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -36,12 +37,28 @@ def stop_local_superlink(flwr_home: Path) -> None:
     time.sleep(0.5)
 
 
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free now (all held open while chosen, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
 class FlwrRunner:
     """Runs `flwr run` for this project with Hydra overrides and reads the run's outputs."""
 
     def __init__(self, flwr_home: Path, out_root: Path):
+        # Ports of our own: `flwr run` reuses any local SuperLink that answers on Flower's fixed
+        # ports (39091/39093), whatever its FLWR_HOME, environment and Python; a suite run beside
+        # another (a second checkout or venv on the same machine) would run on that one's SuperLink
+        # and be cut off when that suite stops it.
+        http_port, control_port = _free_ports(2)
         self.env = {**os.environ, "FLWR_HOME": str(flwr_home),
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+                    "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
         self.out_root = out_root
 
     def run(self, name: str, overrides: str, num_supernodes: int | None = 4, timeout: float = 300,
