@@ -45,8 +45,9 @@ from .conftest import ROOT
 NETNS = [sys.executable, str(ROOT / "deploy" / "netns.py")]
 NODES = 4
 TINY = "dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16"
-# A healthy phase (four ClientApp processes on 2 cores) takes ~10-20 s; the round that waits
-# for the killed node costs this much. A slower machine can raise it.
+# A healthy phase (four ClientApp processes on 2 cores) takes ~10-20 s, ~30 s at load 6-9. The
+# round with the killed node ends sooner than this: once the node misses its heartbeats (~20 s,
+# HEARTBEAT_10S) the SuperLink answers for it. An upper bound only; a slower machine can raise it.
 ROUND_TIMEOUT = float(os.environ.get("PFLOWER_E2E_ROUND_TIMEOUT", "60"))
 VICTIM = 3
 # Loaded by every Python process started with the lab's environment; acts in SuperNodes only.
