@@ -28,7 +28,7 @@ class FedBN(PFLStrategy):
     @classmethod
     def from_model(cls, cfg, model, partition_sizes):
         bn = batchnorm_keys(model)
-        shared = message_state({k: v for k, v in model.state_dict().items() if k not in bn})
+        shared = {k: v for k, v in model_state(model).items() if k not in bn}
         return cls(cfg, shared, partition_sizes)
 
 
