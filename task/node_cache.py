@@ -88,7 +88,7 @@ def node_federation(cfg: Any, device: Any, cache_dir: Path | None, served: Calla
     """
     import torch
 
-    from task.data import ClientData, Federation, federation_key, load_federation
+    from task.data import ClientData, Federation, client_on, federation_key, load_federation
 
     if cache_dir is None:
         return load_federation(cfg, device)
@@ -101,8 +101,6 @@ def node_federation(cfg: Any, device: Any, cache_dir: Path | None, served: Calla
                    "clients": {str(c): vars(full.clients[c]) for c in served(len(full.clients))}}
         _atomic(path, lambda tmp: torch.save(payload, tmp))
     payload = torch.load(path, mmap=True, weights_only=True)
-    clients = {int(c): ClientData(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
-                                     for k, v in fields.items()})
-               for c, fields in payload["clients"].items()}
+    clients = {int(c): client_on(ClientData(**fields), device) for c, fields in payload["clients"].items()}
     return Federation(clients, int(payload["num_classes"]),  # type: ignore[arg-type]
                       tuple(payload["input_shape"]), tuple(payload["domain_names"]))
