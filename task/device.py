@@ -88,8 +88,8 @@ def reuse_freed_memory(limit_mb: int) -> bool:
     Why: every message holds its arrays in a fresh ``bytes`` (Flower's ``Array.data``), one
     per model layer and message. glibc maps any block above its threshold (at most 32 MiB)
     freshly from the kernel and unmaps it on free, so each large layer's buffer pays for the
-    kernel to map and zero new pages: 22 ms of CPU for a 51 MiB layer of ``digit_cnn``, 9 ms
-    when the freed memory of the previous message is reused (measured in bench/README.md).
+    kernel to map and zero new pages: 16.9 ms of CPU for a 51 MiB layer of ``digit_cnn``,
+    5.8 ms when the freed memory of the previous message is reused (``bench/buffers.py``).
     The cost: the process's resident memory stays near its peak rather than falling back
     after a round (glibc returns the top of its heap to the OS only past ``limit_mb`` free).
     0, or a platform without glibc, keeps malloc's defaults (a setting made earlier in the

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.skipif(LIBC is None or not hasattr(LIBC, "mallinfo2"),
 # Bytes held in mmapped blocks, as glibc's mallinfo2 reports them, around a live 40 MiB bytes.
 PROBE = """
 import ctypes, sys
-from task.device import reuse_freed_memory
+from task.device import _glibc, reuse_freed_memory
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks "
                                                "fsmblks uordblks fordblks keepcost").split()]
-libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
+libc = _glibc(); libc.mallinfo2.restype = Info
 applied = reuse_freed_memory(int(sys.argv[1]))
 before = libc.mallinfo2().hblkhd
 buffer = b"".join((b"header", bytes(40 << 20)))
