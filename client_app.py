@@ -14,9 +14,10 @@ from flwr.clientapp import ClientApp
 
 # Only what every message needs: in deployment each message is a fresh process, so the
 # method's module is imported by ``lookup`` and Hydra only when the config is not cached yet
-# (task/node_cache.py).
+# (task/data/node_cache.py).
 from strategies import lookup
-from strategies.base import (
+from task.core.device import configure_process, determinism_enabled, resolve_device
+from task.core.messages import (
     ARRAYS,
     CONFIG,
     EVAL_ARRAYS,
@@ -25,10 +26,10 @@ from strategies.base import (
     RAY_NODE,
     hosted_clients,
 )
-from task.device import configure_process, determinism_enabled, resolve_device
-from task.node_cache import cached_config, node_federation
-from task.params import from_record, to_record
-from task.state import PersonalState
+from task.core.params import from_record, to_record
+from task.core.state import PersonalState
+from task.data.node_cache import cached_config, node_federation
+from task.threat.clients import train_as_told
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -125,7 +126,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     method = client_method(context, msg)
     received, config = _received(msg, method.device)
-    result = method.train_as_told(received, config)  # a Byzantine client's attack, if told so
+    result = train_as_told(method, received, config)  # a Byzantine client's attack, if told so
     metrics = MetricRecord({**result.metrics, "num-examples": result.num_examples, **ray_node()})
     return Message(RecordDict({ARRAYS: to_record(result.upload), METRICS: metrics}), reply_to=msg)
 
@@ -137,7 +138,7 @@ def personalize(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(method.personalize(received, config))
     if EVAL_ARRAYS not in msg.content.array_records:
         return Message(RecordDict({METRICS: metrics}), reply_to=msg)
-    # The round's evaluation rides on this message (strategies/base.py, ``personalize``): a
+    # The round's evaluation rides on this message (task/engine/rounds.py, ``personalize``): a
     # fresh client half scores the personal state just saved, as an evaluate message would.
     scorer = client_method(context, msg)
     eval_received = from_record(msg.content.array_records[EVAL_ARRAYS], scorer.device)

@@ -13,15 +13,18 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from strategies import lookup
-from strategies.base import PFLStrategy
-from task.config import compose_config
-from task.data import Federation, load_federation
-from task.device import configure_process, determinism_enabled
-from task.door import CHECKPOINT, check_run
-from task.models import build_model
-from task.outputs import RunOutputs
-from task.partitions import write_partition_report
-from task.runfolder import RunFolder
+from strategies.base import Method
+from task.core.device import configure_process, determinism_enabled
+from task.core.models import build_model
+from task.data.federation import Federation
+from task.data.load import load_federation
+from task.data.partitions import write_partition_report
+from task.engine.checkpoint import CHECKPOINT
+from task.engine.rounds import Engine
+from task.run.config import compose_config
+from task.run.door import check_run
+from task.run.outputs import RunOutputs
+from task.run.runfolder import RunFolder
 
 app = ServerApp()
 
@@ -44,7 +47,7 @@ def progress_line(row: dict, num_rounds: int) -> str:
     return " | ".join(parts)
 
 
-def build_strategy(cfg: DictConfig, federation: Federation) -> PFLStrategy:
+def build_strategy(cfg: DictConfig, federation: Federation) -> Method:
     """The configured strategy, over the configured federation, with the run's initial model."""
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, federation.input_shape, federation.num_classes)
@@ -84,13 +87,14 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "pflower: done in %.1fs; results in %s", results["wall_seconds"], outputs.dir / "results.json")
 
 
-def run(cfg: DictConfig, federation: Federation, strategy: PFLStrategy, grid: Grid,
+def run(cfg: DictConfig, federation: Federation, strategy: Method, grid: Grid,
         directory: Path) -> RunOutputs:
     """Start or resume the rounds into ``directory``; raise if no round could aggregate."""
     outputs = RunOutputs(directory)
+    engine = Engine(strategy)
     first_round = 1
     if cfg.resume:
-        first_round = strategy.load_checkpoint(directory / CHECKPOINT) + 1
+        first_round = engine.load_checkpoint(directory / CHECKPOINT) + 1
         outputs.truncate_rounds(first_round - 1)
         log(INFO, "pflower: resuming %s after round %s", directory, first_round - 1)
     else:
@@ -102,9 +106,9 @@ def run(cfg: DictConfig, federation: Federation, strategy: PFLStrategy, grid: Gr
         outputs.append_round(row)
         log(INFO, "%s", progress_line(row, int(cfg.num_rounds)))
 
-    strategy.start(grid, num_rounds=int(cfg.num_rounds), timeout=float(cfg.round_timeout),
-                   first_round=first_round, on_round=on_round, checkpoint=outputs.dir / CHECKPOINT)
-    nodes = strategy.deterministic_nodes
+    engine.start(grid, num_rounds=int(cfg.num_rounds), timeout=float(cfg.round_timeout),
+                 first_round=first_round, on_round=on_round, checkpoint_path=outputs.dir / CHECKPOINT)
+    nodes = engine.directory.deterministic_nodes
     log(INFO, "pflower: deterministic algorithms %s in the ServerApp, on in %s of %s ClientApp nodes",
         "on" if determinism_enabled() else "off", sum(nodes.values()), len(nodes))
     if not any(r.get("train_loss") is not None for r in outputs.rounds()):

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FILL = """
 import sys, time
 import numpy as np
-from task.device import reuse_freed_memory
+from task.core.device import reuse_freed_memory
 mib, count, keep, limit = (int(a) for a in sys.argv[1:5])
 applied = reuse_freed_memory(limit)
 layer = np.ones(mib << 18, np.float32)  # mib MiB of float32

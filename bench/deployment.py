@@ -55,8 +55,8 @@ import torch
 t["torch"] = time.perf_counter(); c["torch"] = time.process_time()
 import client_app
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from strategies.base import ARRAYS, CONFIG
-from task.params import to_record
+from task.core.messages import ARRAYS, CONFIG
+from task.core.params import to_record
 t["pflower_imports"] = time.perf_counter(); c["pflower_imports"] = time.process_time()
 state_dir, overrides, cid, nodes, initial, kind = sys.argv[1:7]
 from flwr.supercore.task_identity import TaskIdentity  # what flwr-clientapp sets from its task
@@ -73,7 +73,7 @@ method = client_app.client_method(context, msg)
 t["client_half"] = time.perf_counter(); c["client_half"] = time.process_time()
 received, config = client_app._received(msg, method.device)
 if kind == "train":
-    upload = method.train_as_told(received, config).upload
+    upload = train_as_told(method, received, config).upload
 else:  # scores the personal model: a forward pass over the test split, no optimizer
     method.evaluate(received, config)
     upload = {}
@@ -102,8 +102,8 @@ def timed(args: list[str], cwd: Path) -> tuple[float, float, str]:
 
 def initial_arrays(overrides: str, path: Path) -> None:
     """The run's initial model for the message (from the current tree: same in both versions)."""
-    code = ("import sys, torch; sys.path.insert(0, '.'); from task.config import compose_config; "
-            "from task.data import load_federation; from task.models import build_model; "
+    code = ("import sys, torch; sys.path.insert(0, '.'); from task.run.config import compose_config; "
+            "from task.data.load import load_federation; from task.core.models import build_model; "
             f"cfg = compose_config({overrides!r}); fed = load_federation(cfg, torch.device('cpu')); "
             "torch.manual_seed(int(cfg.seed)); "
             "m = build_model(cfg.model, fed.input_shape, fed.num_classes); "

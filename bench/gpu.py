@@ -46,12 +46,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from task.config import compose_config  # noqa: E402
-from task.data import load_federation  # noqa: E402
-from task.device import configure_process, resolve_device  # noqa: E402
-from task.models import build_model  # noqa: E402
-from task.params import load_partial, model_state, weighted_mean  # noqa: E402
-from task.training import evaluate, step_generator, train_epochs  # noqa: E402
+from task.core.device import configure_process, resolve_device  # noqa: E402
+from task.core.models import build_model  # noqa: E402
+from task.core.params import load_partial, model_state, weighted_mean  # noqa: E402
+from task.core.training import evaluate, step_generator, train_epochs  # noqa: E402
+from task.data.load import load_federation  # noqa: E402
+from task.run.config import compose_config  # noqa: E402
 
 MODELS = ("digit_cnn_small", "digit_cnn", "resnet18_gn")
 
@@ -142,12 +142,13 @@ def plain_rounds(overrides: str) -> Iterator[dict]:
 def in_process_rounds(overrides: str) -> Iterator[dict]:
     """pflower's strategy and ClientApp handlers in this process (no transport), one round per step."""
     import server_app
+    from task.engine.rounds import Engine
     from tests.fake_grid import FakeGrid
 
     cfg = compose_config(overrides)
     device = resolve_device(str(cfg.device))
     fed = load_federation(cfg, torch.device("cpu"))
-    strategy = server_app.build_strategy(cfg, fed)
+    strategy = Engine(server_app.build_strategy(cfg, fed))
     grid = FakeGrid(len(fed.clients), overrides)
     strategy.discover(grid, 60.0)
     clock = ComputeClock(device)
@@ -179,7 +180,7 @@ def flwr_run(overrides: str, clients: int, gpus: float, home: Path, out: Path) -
     import json
     import subprocess
 
-    from task.launch import flwr_command
+    from task.run.launch import flwr_command
 
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),

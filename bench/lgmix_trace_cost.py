@@ -28,11 +28,11 @@ from flwr.app import Context, RecordDict
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from strategies.lgmix import FeatureRecorder, LGMixClient, feature_trace  # noqa: E402
-from task.config import compose_config  # noqa: E402
-from task.data import load_federation  # noqa: E402
-from task.device import resolve_device  # noqa: E402
-from task.params import load_partial  # noqa: E402
-from task.state import PersonalState  # noqa: E402
+from task.core.device import resolve_device  # noqa: E402
+from task.core.params import load_partial  # noqa: E402
+from task.core.state import PersonalState  # noqa: E402
+from task.data.load import load_federation  # noqa: E402
+from task.run.config import compose_config  # noqa: E402
 
 
 def context(cid: int) -> Context:

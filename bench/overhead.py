@@ -46,11 +46,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from task.config import compose_config  # noqa: E402
-from task.data import load_federation  # noqa: E402
-from task.models import build_model  # noqa: E402
-from task.params import load_partial, model_state, weighted_mean  # noqa: E402
-from task.training import evaluate, step_generator, train_epochs  # noqa: E402
+from task.core.models import build_model  # noqa: E402
+from task.core.params import load_partial, model_state, weighted_mean  # noqa: E402
+from task.core.training import evaluate, step_generator, train_epochs  # noqa: E402
+from task.data.load import load_federation  # noqa: E402
+from task.run.config import compose_config  # noqa: E402
 
 
 # --------------------------------------------------------------------------- plain loop
@@ -81,7 +81,7 @@ def evaluate_clients(fed, model, initial: dict, global_state: dict, cids: list[i
 
 
 def client_sampler(cfg, n: int):
-    """Each round's sampled clients, in the server's seeded sequence (``PFLStrategy.sample``)."""
+    """Each round's sampled clients, in the server's seeded sequence (``Engine.sample``)."""
     rng = np.random.default_rng(int(cfg.seed))
     size = max(1, min(n, round(float(cfg.fraction_train) * n)))
     return lambda: sorted(int(c) for c in rng.choice(n, size=size, replace=False))
@@ -198,13 +198,14 @@ def fakegrid_run(overrides: str, threads: int) -> dict:
     """pflower's own code without Flower's transport: the real strategy's round loop drives the
     real ClientApp handlers in this process (``tests/fake_grid.py``), one client at a time."""
     import server_app
+    from task.engine.rounds import Engine
     from tests.fake_grid import FakeGrid
 
     began = time.perf_counter()
     cfg = compose_config(overrides)
     torch.set_num_threads(threads)
     fed = load_federation(cfg, torch.device("cpu"))
-    strategy = server_app.build_strategy(cfg, fed)
+    strategy = Engine(server_app.build_strategy(cfg, fed))
     grid = FakeGrid(len(fed.clients), overrides)
     strategy.discover(grid, 60.0)
     startup = time.perf_counter() - began
@@ -367,7 +368,7 @@ def engine_costs(overrides: str) -> None:
 
     - The node's ``Context`` is pickled to the actor and back with every message
       (``RayBackend.process_message``): its size and a dumps + loads each way, with an empty
-      ``context.state`` (FedAvg, or any method with ``client_state_dir``: task/state.py) and
+      ``context.state`` (FedAvg, or any method with ``client_state_dir``: task/core/state.py) and
       with one personal model in it (Ditto, Local, FedBN without ``client_state_dir``).
     - ``ray.nodes()``: what one call costs. ``flwr run``'s backend (``BasicActorPool``) calls it
       once, when it builds the actor pool; the per-message call (``_check_actor_fits_in_pool``)
@@ -378,7 +379,7 @@ def engine_costs(overrides: str) -> None:
     import cloudpickle
     from flwr.app import Context, RecordDict
 
-    from task.params import to_record
+    from task.core.params import to_record
 
     cfg = compose_config(overrides)
     fed = load_federation(cfg, torch.device("cpu"))

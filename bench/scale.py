@@ -14,7 +14,7 @@ temporary folder), ``memory`` in Flower's ``context.state`` (no ``client_state_d
 
 Two measurements:
 
-- **in one process** (always): the real strategy's round loop (``PFLStrategy.run_round``:
+- **in one process** (always): the real strategy's round loop (``Engine.run_round``:
   sampling, per-client messages, validation, aggregation) drives the real ClientApp handlers
   through ``tests/fake_grid.py``, every client with its own Flower ``Context``. No SuperLink, no
   Ray. Memory: the process's RSS (after ``malloc_trim``) after round 1 and after the last, per
@@ -53,9 +53,10 @@ sys.path.insert(0, str(ROOT))
 
 import server_app  # noqa: E402
 from bench.overhead import Watcher, _pids, descendants  # noqa: E402
-from task.config import compose_config  # noqa: E402
-from task.data import load_federation  # noqa: E402
-from task.params import model_state, num_bytes  # noqa: E402
+from task.core.params import model_state, num_bytes  # noqa: E402
+from task.data.load import load_federation  # noqa: E402
+from task.engine.rounds import Engine  # noqa: E402
+from task.run.config import compose_config  # noqa: E402
 from tests.fake_grid import FakeGrid  # noqa: E402
 
 SAMPLED = 10
@@ -108,7 +109,7 @@ def in_process(clients: int, rounds: int, state_dir: Path | None) -> dict:
     cfg = compose_config(overrides)
     fed = load_federation(cfg, torch.device("cpu"))
     torch.set_num_threads(max(1, int(cfg.client_threads)))
-    strategy = server_app.build_strategy(cfg, fed)
+    strategy = Engine(server_app.build_strategy(cfg, fed))
     began = time.perf_counter()
     grid = FakeGrid(clients, overrides)
     strategy.discover(grid, 600.0)
@@ -130,7 +131,7 @@ def in_process(clients: int, rounds: int, state_dir: Path | None) -> dict:
 
 
 def strategy_model(cfg, fed):
-    from task.models import build_model
+    from task.core.models import build_model
 
     return build_model(cfg.model, fed.input_shape, fed.num_classes)
 

@@ -6,7 +6,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .base import PFLStrategy
+    from .base import Method
     from .client_base import ClientMethod
 
 # name -> (module, server class, client class). Modules are imported when looked up, so a
@@ -34,7 +34,7 @@ def load_all() -> None:
         import_module(f"{__name__}.{module}")
 
 
-def lookup(name: str) -> tuple[type[PFLStrategy], type[ClientMethod]]:
+def lookup(name: str) -> tuple[type[Method], type[ClientMethod]]:
     """Both halves of the method ``name``; a clear error lists the valid names."""
     if name not in REGISTRY:
         raise KeyError(f"unknown strategy {name!r}; valid: {sorted(REGISTRY)}")

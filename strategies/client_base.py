@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -10,18 +9,16 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from task import attacks
-from task.data import ClientData, Federation
-from task.models import build_model
-from task.params import StateDict, load_partial, model_state
-from task.state import PersonalState
-from task.training import evaluate, step_generator, train_epochs
+from task.core.models import build_model
+from task.core.params import StateDict, load_partial, model_state
+from task.core.state import PersonalState
+from task.core.training import evaluate, step_generator, train_epochs
+from task.data.federation import ClientData, Federation
 
 # Model instances reused across calls in one process (one per slot): building a model costs
 # more than loading a state dict into it. Weights are always loaded before use.
 _MODELS: dict[tuple, nn.Module] = {}
 _INITIAL: dict[tuple, StateDict] = {}
-ATTACK_STREAM = 0xA77  # generator stream of a Byzantine client's random attack
 
 
 @dataclass
@@ -132,7 +129,7 @@ class ClientMethod:
         raise NotImplementedError
 
     def personalize(self, received: StateDict, config: dict) -> dict[str, float]:
-        """Optional phase after aggregation (see ``PFLStrategy.personalize_arrays``)."""
+        """Optional phase after aggregation (see ``Method.personalize_arrays``)."""
         raise NotImplementedError(f"{type(self).__name__} has no personalize phase")
 
     def evaluate(self, received: StateDict, config: dict) -> dict[str, float]:
@@ -140,41 +137,11 @@ class ClientMethod:
         model = self.model("main", received)
         return self.report(model, model)
 
-    # --- Byzantine clients (attack=; the server says so in the training config) ---------
-    def train_as_told(self, received: StateDict, config: dict) -> TrainResult:
-        """``train``, or what a Byzantine client sends instead when the config says it is one:
-        ``labelflip`` trains on labels C - 1 - y; ``gaussian`` and ``signflip`` replace the
-        update in the upload (task/attacks.py). The reply travels like any other."""
-        attack = str(config.get("attack", "none")) if config.get("byzantine") else "none"
-        if attack == "labelflip":
-            flipped = attacks.labelflip(self.data.y_train, self.federation.num_classes)
-            self.data = dataclasses.replace(self.data, y_train=flipped)
-        result = self.train(received, config)
-        if attack in ("gaussian", "signflip") and result.upload:
-            result.upload = self.malicious_upload(attack, result.upload, received, config)
-        return result
-
+    # --- Byzantine clients (attack=; task/threat/clients.py) ------------------------------
     def upload_reference(self, received: StateDict, upload: StateDict, config: dict) -> StateDict | None:
-        """What the upload's update is relative to: the received model, or None where the
-        method uploads the update itself (``upload-kind=update``)."""
+        """What the upload's update is relative to (the client-side attacks build theirs against
+        it): the received model, or None where the method uploads the update itself
+        (``upload-kind=update``)."""
         if config.get("upload-kind") == "update":
             return None
         return {k: received[k] for k in upload}
-
-    def malicious_upload(self, attack: str, upload: StateDict, received: StateDict,
-                         config: dict) -> StateDict:
-        """The upload with its update replaced by the ``gaussian`` or ``signflip`` attack's."""
-        reference = self.upload_reference(received, upload, config)
-        gen = self.generator(int(config["server-round"]), stream=ATTACK_STREAM)
-        out = dict(upload)
-        for k, value in upload.items():
-            if not value.is_floating_point():
-                continue
-            base = torch.zeros_like(value) if reference is None else reference[k].to(value)
-            if attack == "gaussian":
-                update = attacks.gaussian(value.cpu(), gen, float(self.cfg.attack.mean),
-                                          float(self.cfg.attack.std)).to(value)
-            else:
-                update = attacks.signflip(value - base, float(self.cfg.attack.scale))
-            out[k] = base + update
-        return out

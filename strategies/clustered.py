@@ -4,7 +4,7 @@ M. Werner, L. He, M. Jordan, M. Jaggi, S. P. Karimireddy. "Provably Personalized
 Federated Learning". TMLR 2023. https://openreview.net/forum?id=B0uBSSUy0G
 Authors' code: https://github.com/liehe/PRFL (``STC`` in ``*/implementations/thresholding.py``).
 
-Core primitive, threshold clustering (``task.robust.threshold_clustering``):
+Core primitive, threshold clustering (``task.algorithms.robust.threshold_clustering``):
 
     TC(v0, {u_j}, tau, R):  v <- v0;  R times:  d_j = ||u_j - v||,
                             v <- (1/n) sum_j (u_j if d_j <= tau else v)
@@ -31,7 +31,7 @@ and update centres v_k live on the server; client i is assigned to a_i. Round t:
    another cluster's model than its momentum belongs to (``reset-momentum``).
 2. per cluster k, over every update of the round (``strategy.tc_over=all``, the authors' code;
    ``assigned``: only those of the clients that trained x_k), near-duplicate uploads merged:
-       U <- collapse_near_duplicates(U)          (``task.robust``: uploads closer than
+       U <- collapse_near_duplicates(U)          (``task.algorithms.robust``: uploads closer than
                                                   ``duplicate_tolerance`` x the median nearest-
                                                   neighbour distance count once: colluding copies such as
                                                   ALIE's or IPM's do not fill TC's radius)
@@ -85,12 +85,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from task import robust
-from task.cluster_metrics import cluster_ari
-from task.config import COUNT, Field, register_strategy_schema
-from task.params import StateDict, model_state, subtract
+from task.algorithms import robust
+from task.algorithms.cluster_metrics import cluster_ari
+from task.core.messages import TrainReply, array_spec
+from task.core.params import StateDict, model_state, subtract
+from task.run.schema import COUNT, Field, register_strategy_schema
 
-from .base import PFLStrategy, TrainReply, array_spec
+from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 QUANTILE = Field(float, 0.0, 1.0, low_open=True, high_open=True)
@@ -203,7 +204,7 @@ def typical(X: torch.Tensor, trained: list[int], centres: dict[int, torch.Tensor
 
 def tc_groups(X: torch.Tensor, quantile: float, iterations: int) -> tuple[torch.Tensor, list[list[int]]]:
     """Per-client TC: row i's aggregate TC(x_i, X) and, for each i, the rows kept in its last
-    iteration (tau from the distances to the current v, as ``task.robust.threshold_clustering``)."""
+    iteration (tau from the distances to the current v, as robust.threshold_clustering)."""
     out, kept = [], []
     for i in range(len(X)):
         v = X[i].clone()
@@ -240,7 +241,7 @@ def components(kept: list[list[int]]) -> list[int]:
 
 
 # --- Federated-Clustering -------------------------------------------------------------------
-class Clustered(PFLStrategy):
+class Clustered(Method):
     """Server half: K cluster models and update centres, per-cluster TC, reassignment."""
 
     name = "clustered"
@@ -285,7 +286,7 @@ class Clustered(PFLStrategy):
     def eval_arrays(self, cid):
         return self.models[self.cluster_of(cid)]
 
-    def upload_reference(self, reply):
+    def upload_reference(self, reply, sent):
         return None
 
     # --- aggregation -------------------------------------------------------------------
@@ -419,7 +420,7 @@ class ClusteredClient(ClientMethod):
 
 
 # --- the per-client form ----------------------------------------------------------------------
-class ClusteredPerClient(PFLStrategy):
+class ClusteredPerClient(Method):
     """Server half: g_i = TC(u_i, all updates) for every client that replied, sent back to it."""
 
     name = "clustered_per_client"

@@ -8,17 +8,17 @@ v_i starts as the first w_g the client receives. Personal accuracy is v_i's.
 
 from __future__ import annotations
 
-from task.config import COUNT, POSITIVE, register_strategy_schema
-from task.params import message_state, model_state
-from task.training import proximal_penalty
+from task.core.params import message_state, model_state
+from task.core.training import proximal_penalty
+from task.run.schema import COUNT, POSITIVE, register_strategy_schema
 
-from .base import PFLStrategy
+from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 register_strategy_schema("ditto", {"lam": POSITIVE, "personal_epochs": COUNT})
 
 
-class Ditto(PFLStrategy):
+class Ditto(Method):
     """Server half: as FedAvg (the personal models never leave the clients)."""
 
     name = "ditto"

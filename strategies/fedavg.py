@@ -8,17 +8,17 @@ Personalized accuracy of FedAvg = w_g scored on each client's own test split.
 
 from __future__ import annotations
 
-from task.config import register_strategy_schema
-from task.params import message_state
+from task.core.params import message_state
+from task.run.schema import register_strategy_schema
 
-from .base import PFLStrategy
+from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 register_strategy_schema("fedavg", {})
 
 
-class FedAvg(PFLStrategy):
-    """Server half: the p-weighted mean of the returned models (PFLStrategy's default)."""
+class FedAvg(Method):
+    """Server half: the p-weighted mean of the returned models (Method's default)."""
 
     name = "fedavg"
 

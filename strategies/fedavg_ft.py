@@ -7,9 +7,9 @@ The baseline that tells whether a personalization method buys anything beyond fi
 
 from __future__ import annotations
 
-from task.config import COUNT, Field, register_strategy_schema
+from task.run.schema import COUNT, Field, register_strategy_schema
 
-from .base import PFLStrategy
+from .base import Method
 from .fedavg import FedAvgClient
 
 register_strategy_schema("fedavg_ft", {
@@ -18,7 +18,7 @@ register_strategy_schema("fedavg_ft", {
 })
 
 
-class FedAvgFT(PFLStrategy):
+class FedAvgFT(Method):
     """Server half: as FedAvg."""
 
     name = "fedavg_ft"

@@ -8,17 +8,17 @@ There is no complete global model: each client scores w_g with its own BN layers
 
 from __future__ import annotations
 
-from task.config import register_strategy_schema
-from task.models import batchnorm_keys
-from task.params import message_state, model_state
+from task.core.models import batchnorm_keys
+from task.core.params import message_state, model_state
+from task.run.schema import register_strategy_schema
 
-from .base import PFLStrategy
+from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 register_strategy_schema("fedbn", {})
 
 
-class FedBN(PFLStrategy):
+class FedBN(Method):
     """Server half: averages and sends only the entries outside BatchNorm layers."""
 
     name = "fedbn"

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 from flwr.common import log
 
-from task.config import Field, register_strategy_schema
-from task.params import StateDict, damped_step, message_state
-from task.training import proximal_penalty
+from task.core.params import StateDict, damped_step, message_state
+from task.core.training import proximal_penalty
+from task.run.schema import Field, register_strategy_schema
 
-from .base import PFLStrategy
+from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 register_strategy_schema("fedclup", {
@@ -78,7 +78,7 @@ def distance(a: StateDict, b: StateDict) -> float:
     return math.sqrt(total)
 
 
-class FedCLUP(PFLStrategy):
+class FedCLUP(Method):
     """Server half: the damped server step, and the optional one-time adaptive lam."""
 
     name = "fedclup"

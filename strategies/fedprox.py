@@ -6,16 +6,16 @@
 
 from __future__ import annotations
 
-from task.config import POSITIVE, register_strategy_schema
-from task.training import proximal_penalty
+from task.core.training import proximal_penalty
+from task.run.schema import POSITIVE, register_strategy_schema
 
-from .base import PFLStrategy
+from .base import Method
 from .fedavg import FedAvgClient
 
 register_strategy_schema("fedprox", {"mu": POSITIVE})
 
 
-class FedProx(PFLStrategy):
+class FedProx(Method):
     """Server half: as FedAvg."""
 
     name = "fedprox"

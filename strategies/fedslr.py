@@ -23,7 +23,7 @@ part p; client i's personal model is w_s + p_i. Round t, sampled clients S, N cl
    are not thresholded. h is checkpointed.
 4. Downlink: each thresholded layer goes as A = U_r sqrt(S_r) and B = sqrt(S_r) V_r^T
    (``<layer>@U``, ``<layer>@V``) where r (m + n) < m n, dense otherwise; the client rebuilds
-   w_s = A B exactly (``task.lowrank.rebuild``, the function the server defines w_s with).
+   w_s = A B exactly (``task.algorithms.lowrank.rebuild``, the function the server defines w_s with).
 
 Personal accuracy is w_s + p_i's; global accuracy is w_s's. Metrics per round (key ``fedslr``):
 the rank of every >= 2-D layer of w_s, the mean sparsity of p over the clients that trained,
@@ -40,8 +40,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from task.config import COUNT, POSITIVE, Field, register_strategy_schema
-from task.lowrank import (
+from task.algorithms.lowrank import (
     FACTOR_U,
     FACTOR_V,
     decode_transport,
@@ -57,10 +56,12 @@ from task.lowrank import (
     svt_factors,
     to_matrix,
 )
-from task.params import StateDict, message_state, model_state, num_bytes
-from task.training import Penalty
+from task.core.messages import array_spec
+from task.core.params import StateDict, message_state, model_state, num_bytes
+from task.core.training import Penalty
+from task.run.schema import COUNT, POSITIVE, Field, register_strategy_schema
 
-from .base import PFLStrategy, array_spec
+from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 register_strategy_schema("fedslr", {
@@ -76,7 +77,7 @@ P_SPARSITY = "p_sparsity"  # train-reply metric: fraction of exact zeros in p_i
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-class FedSLR(PFLStrategy):
+class FedSLR(Method):
     """Server half: FedDyn correction, SVT of every >= 2-D layer, factorised downlink."""
 
     name = "fedslr"

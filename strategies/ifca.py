@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from task.cluster_metrics import cluster_ari
-from task.config import COUNT, Field, register_strategy_schema
-from task.params import StateDict, message_state, model_state
-from task.training import evaluate
+from task.algorithms.cluster_metrics import cluster_ari
+from task.core.messages import array_spec
+from task.core.params import StateDict, message_state, model_state
+from task.core.training import evaluate
+from task.run.schema import COUNT, Field, register_strategy_schema
 
-from .base import PFLStrategy, array_spec
+from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 register_strategy_schema("ifca", {"num_clusters": COUNT,
@@ -55,7 +56,7 @@ def is_bundle(arrays: StateDict) -> bool:
                                 for k in arrays)
 
 
-class IFCA(PFLStrategy):
+class IFCA(Method):
     """Server half: K models; each aggregated over the clients that chose it."""
 
     name = "ifca"
@@ -94,7 +95,7 @@ class IFCA(PFLStrategy):
     def expected_upload(self, cid, sent):
         return array_spec(self.models[0])
 
-    def upload_reference(self, reply):
+    def upload_reference(self, reply, sent):
         return self.models[self.choice(reply.metrics)]
 
     def choice(self, metrics: dict) -> int:

@@ -44,11 +44,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from task.config import register_strategy_schema
-from task.models import last_linear
-from task.params import StateDict, model_state, subtract
+from task.core.messages import array_spec
+from task.core.models import last_linear
+from task.core.params import StateDict, model_state, subtract
+from task.run.schema import register_strategy_schema
 
-from .base import PFLStrategy, array_spec
+from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 register_strategy_schema("lgmix", {})
@@ -132,7 +133,7 @@ def ntk_trace(model: nn.Module, x: torch.Tensor) -> float:
         model.train(was_training)
 
 
-class LGMix(PFLStrategy):
+class LGMix(Method):
     """Server half: w_g <- w_g + Dbar; per client the running mean cbar_i of its c_i."""
 
     name = "lgmix"

@@ -6,16 +6,16 @@ The lower bound that any federated method should beat where clients share struct
 
 from __future__ import annotations
 
-from task.config import register_strategy_schema
-from task.params import model_state
+from task.core.params import model_state
+from task.run.schema import register_strategy_schema
 
-from .base import PFLStrategy
+from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 register_strategy_schema("local", {})
 
 
-class Local(PFLStrategy):
+class Local(Method):
     """Server half: sends no arrays, expects none back, keeps no model."""
 
     name = "local"

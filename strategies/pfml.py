@@ -40,12 +40,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from task.config import Field, register_strategy_schema
-from task.mutual import iteration_batches, mutual_loss, outer_gradient, prox_steps
-from task.params import StateDict, damped_step, message_state, model_state
-from task.training import batches
+from task.algorithms.mutual import iteration_batches, mutual_loss, outer_gradient, prox_steps
+from task.core.params import StateDict, damped_step, message_state, model_state
+from task.core.training import batches
+from task.run.schema import Field, register_strategy_schema
 
-from .base import PFLStrategy
+from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 register_strategy_schema("pfml", {
@@ -60,7 +60,7 @@ register_strategy_schema("pfml", {
 })
 
 
-class PFML(PFLStrategy):
+class PFML(Method):
     """Server half: w_{t+1} = (1 - beta) w_t + beta sum_i p_i w_i."""
 
     name = "pfml"

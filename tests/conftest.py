@@ -12,6 +12,6 @@ if str(ROOT) not in sys.path:
 # The config's default (``deterministic: true``) for this whole process before any test can
 # start CUDA: tests that bypass the ClientApp and ServerApp (which apply the run's key
 # themselves) then run deterministic too, whatever device ``auto`` picks.
-from task.device import apply_determinism  # noqa: E402
+from task.core.device import apply_determinism  # noqa: E402
 
 apply_determinism(True)

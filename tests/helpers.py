@@ -6,9 +6,9 @@ import torch
 from flwr.app import Context, RecordDict
 
 from strategies import lookup
-from task.config import compose_config
-from task.data import load_federation
-from task.models import build_model
+from task.core.models import build_model
+from task.data.load import load_federation
+from task.run.config import compose_config
 
 TINY = "dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16"
 
@@ -31,7 +31,7 @@ def client(cfg, cid: int, context: Context | None = None, server_round: int = 1,
     ``after=False`` is a training phase (sees state saved before ``server_round``);
     ``after=True`` a later phase of the round (also sees what its training saved).
     """
-    from task.state import PersonalState
+    from task.core.state import PersonalState
 
     device = torch.device("cpu")
     fed = load_federation(cfg, device)
@@ -47,3 +47,10 @@ def server(cfg):
     model = build_model(cfg.model, fed.input_shape, fed.num_classes)
     cls, _ = lookup(cfg.strategy.name)
     return cls.from_model(cfg, model, [(c.num_train, c.num_test) for c in fed.clients])
+
+
+def engine(cfg):
+    """The round engine over cfg's method (``engine.method`` is the method)."""
+    from task.engine.rounds import Engine
+
+    return Engine(server(cfg))

@@ -1,4 +1,4 @@
-"""Byzantine attacks (task/attacks.py): each produces what it claims, on the client (a
+"""Byzantine attacks (task/threat/attacks.py): each produces what it claims, on the client (a
 Byzantine ClientApp's reply) and in the server-side adversary step."""
 
 from __future__ import annotations
@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies.base import TrainReply, choose_byzantine
-from task import attacks
-from task.params import model_state, subtract
+from task.core.messages import TrainReply
+from task.core.params import model_state, subtract
+from task.threat import attacks
+from task.threat.byzantine import choose_byzantine
+from task.threat.clients import train_as_told
 
-from .helpers import client, server, tiny_cfg
+from .helpers import client, engine, tiny_cfg
 
 
 def test_gaussian_has_the_claimed_mean_and_std():
@@ -50,18 +52,19 @@ def test_byzantine_clients_are_seeded_and_excluded():
     cfg = tiny_cfg("strategy=fedavg attack=gaussian attack.fraction=0.5")
     chosen = choose_byzantine(4, cfg)
     assert len(chosen) == 2 and chosen == choose_byzantine(4, cfg)
-    st = server(cfg)
-    assert st.byzantine == chosen and st.excluded_clients == set(chosen)
-    assert st.attack_config(chosen[0]) == {"byzantine": True, "attack": "gaussian", "upload-kind": "model"}
+    st = engine(cfg)
+    assert st.byzantine == chosen and st.method.excluded_clients == set(chosen)
+    config = st.threat.message_config(chosen[0], st.method.upload_is_update)
+    assert config == {"byzantine": True, "attack": "gaussian", "upload-kind": "model"}
     honest = next(c for c in range(4) if c not in chosen)
-    assert st.attack_config(honest) == {}
-    assert server(tiny_cfg()).byzantine == []
+    assert st.threat.message_config(honest, st.method.upload_is_update) == {}
+    assert engine(tiny_cfg()).byzantine == []
 
 
 def _trained(cfg, cid: int, config: dict):
     method = client(cfg, cid)
     received = method.initial_state()
-    return received, method.train_as_told(received, {"server-round": 1, **config})
+    return received, train_as_told(method, received, {"server-round": 1, **config})
 
 
 @pytest.mark.parametrize("attack", ["gaussian", "signflip", "labelflip"])
@@ -92,17 +95,17 @@ def test_a_client_that_is_not_told_is_honest():
 @pytest.mark.parametrize("attack", ["bitflip", "alie", "ipm"])
 def test_server_side_adversary_replaces_byzantine_replies(attack):
     cfg = tiny_cfg(f"strategy=fedavg attack={attack} attack.fraction=0.25")
-    st = server(cfg)
+    st = engine(cfg)
     bad = st.byzantine[0]
-    sent = st.global_state
+    sent = st.method.global_state
     replies = []
     for cid in range(4):
-        st._sent[cid] = sent
         method = client(cfg, cid)
         replies.append(TrainReply(cid, method.train(sent, {"server-round": 1}).upload, 10, {}))
     key = next(k for k, v in sent.items() if v.is_floating_point())
     honest = torch.stack([(r.arrays[key] - sent[key]).reshape(-1) for r in replies if r.cid != bad])
-    out = st.byzantine_adversary(1, replies)
+    out = st.threat.server_attack(1, replies, st.method.excluded_clients,
+                                  lambda r: st.method.upload_reference(r, sent))
     got = (out[bad].arrays[key] - sent[key]).reshape(-1)
     if attack == "bitflip":
         assert any(torch.allclose(got, -h, atol=1e-5) for h in honest)
@@ -121,7 +124,7 @@ def test_update_uploading_strategy_gets_the_attack_as_an_update():
     method = client(cfg, 0)
     received = method.initial_state()
     honest = method.train(received, {"server-round": 1})
-    bad = client(cfg, 0).train_as_told(received, {"server-round": 1, "byzantine": True,
+    bad = train_as_told(client(cfg, 0), received, {"server-round": 1, "byzantine": True,
                                                     "attack": "signflip", "upload-kind": "update"})
     assert all(torch.allclose(bad.upload[k], -honest.upload[k], atol=1e-5) for k in honest.upload)
     assert subtract(model_state(method.model("main", received)), received)  # sanity: keys align

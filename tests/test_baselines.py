@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies.base import TrainReply
-from task.models import batchnorm_keys
-from task.params import weighted_mean
+from task.core.messages import TrainReply
+from task.core.models import batchnorm_keys
+from task.core.params import weighted_mean
 
 from .fake_grid import FakeGrid
-from .helpers import TINY, client, make_context, server, tiny_cfg
+from .helpers import TINY, client, engine, make_context, server, tiny_cfg
 
 
 def _distance(a: dict, b: dict) -> float:
@@ -101,7 +101,7 @@ def test_fedavg_ft_fine_tunes_before_scoring_without_touching_state():
 def test_sampling_sequence_is_the_same_for_every_strategy():
     seqs = []
     for name in ("fedavg", "ditto", "local"):
-        st = server(tiny_cfg(f"strategy={name} fraction_train=0.5"))
+        st = engine(tiny_cfg(f"strategy={name} fraction_train=0.5"))
         seqs.append([st.sample(r) for r in range(1, 6)])
     assert seqs[0] == seqs[1] == seqs[2]
     assert all(len(s) == 2 for s in seqs[0]) and len({tuple(s) for s in seqs[0]}) > 1
@@ -115,7 +115,7 @@ def test_weighted_mean_rejects_empty_input():
 @pytest.mark.parametrize("name", ["fedavg", "fedavg_ft", "fedprox", "fedbn", "local", "ditto"])
 def test_round_loop_learns_above_chance(name):
     overrides = f"{TINY} strategy={name} local_epochs=2"
-    st = server(tiny_cfg(f"strategy={name} local_epochs=2"))
+    st = engine(tiny_cfg(f"strategy={name} local_epochs=2"))
     rows = []
     st.start(FakeGrid(4, overrides), num_rounds=2, timeout=30, on_round=rows.append)
     last = rows[-1]
@@ -123,7 +123,7 @@ def test_round_loop_learns_above_chance(name):
     acc = last["personalized_accuracy"]
     assert 0.3 < acc["mean"] <= 1 and acc["worst"] <= acc["weighted"] <= 1
     assert len(last["per_client_accuracy"]) == 4
-    if st.has_global_model:
+    if st.method.has_global_model:
         assert 0.2 < last["global_accuracy"] <= 1
     else:
         assert last["global_accuracy"] is None
@@ -132,7 +132,7 @@ def test_round_loop_learns_above_chance(name):
 @pytest.mark.parametrize("name", ["ditto", "lgmix"])
 def test_fewer_supernodes_than_clients_each_host_several(name):
     overrides = f"{TINY} strategy={name}"
-    st = server(tiny_cfg(f"strategy={name}"))
+    st = engine(tiny_cfg(f"strategy={name}"))
     grid = FakeGrid(4, overrides, num_nodes=2)
     rows = []
     st.start(grid, num_rounds=2, timeout=30, on_round=rows.append)

@@ -16,9 +16,9 @@ import pytest
 from flwr.app import Context, RecordDict
 
 import server_app
-from task.launch import join_overrides, main
-from task.outputs import RunOutputs
-from task.runfolder import LOCK, RunFolder, RunFolderError, check_free, read_status, release_dead_lock
+from task.run.launch import join_overrides, main
+from task.run.outputs import RunOutputs
+from task.run.runfolder import LOCK, RunFolder, RunFolderError, check_free, read_status, release_dead_lock
 
 from .fake_grid import FakeGrid
 from .helpers import TINY

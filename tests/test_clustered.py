@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from strategies.base import TrainReply
 from strategies.clustered import (
     components,
     debiased,
@@ -16,10 +15,12 @@ from strategies.clustered import (
     worker_momentum,
 )
 from strategies.ifca import bundle, is_bundle, unbundle
-from task import robust
-from task.cluster_metrics import cluster_ari
-from task.config import compose_config
-from task.data import load_federation
+from task.algorithms import robust
+from task.algorithms.cluster_metrics import cluster_ari
+from task.core.messages import TrainReply
+from task.data.load import load_federation
+from task.engine.rounds import Engine
+from task.run.config import compose_config
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, client, make_context, server, tiny_cfg
@@ -151,9 +152,9 @@ def test_oracle_fixes_the_true_assignment():
 def test_checkpoint_restores_assignment_and_centres(tmp_path):
     cfg, st = _clustered_server()
     st.aggregate_replies(1, _synthetic_replies(st, st.client_groups))
-    st.save_checkpoint(tmp_path / "c.npz", 1)
+    Engine(st).save_checkpoint(tmp_path / "c.npz", 1)
     again = server(cfg)
-    assert again.load_checkpoint(tmp_path / "c.npz") == 1
+    assert Engine(again).load_checkpoint(tmp_path / "c.npz") == 1
     assert again.assignment == st.assignment and again.started
     for k in range(2):
         assert all(torch.equal(again.models[k][n], st.models[k][n]) for n in st.models[k])
@@ -199,10 +200,11 @@ def test_clustered_round_loop_under_gaussian_attack_finds_the_clusters():
     overrides = f"{RELABEL} strategy=clustered strategy.num_clusters=2 attack=gaussian attack.fraction=0.25"
     cfg, st = _clustered_server("attack=gaussian attack.fraction=0.25")
     rows = []
-    st.start(FakeGrid(8, overrides), num_rounds=3, timeout=60, on_round=rows.append)
+    run = Engine(st)
+    run.start(FakeGrid(8, overrides), num_rounds=3, timeout=60, on_round=rows.append)
     last = rows[-1]
-    assert last["cluster_ari"] == 1.0 and last["byzantine_clients"] == st.byzantine
-    assert last["excluded_clients"] == st.byzantine and last["discarded_uploads"] > 0
+    assert last["cluster_ari"] == 1.0 and last["byzantine_clients"] == run.byzantine
+    assert last["excluded_clients"] == run.byzantine and last["discarded_uploads"] > 0
     assert last["personalized_accuracy"]["mean"] > 0.5
     assert all(torch.isfinite(v).all() for m in st.models for v in m.values())
 
@@ -237,7 +239,7 @@ def test_ifca_sends_k_models_and_counts_their_bytes():
     overrides = f"{TINY} strategy=ifca"
     st = server(tiny_cfg("strategy=ifca"))
     rows = []
-    st.start(FakeGrid(4, overrides), num_rounds=1, timeout=60, on_round=rows.append)
+    Engine(st).start(FakeGrid(4, overrides), num_rounds=1, timeout=60, on_round=rows.append)
     model_bytes = sum(v.numel() * v.element_size() for v in st.models[0].values())
     assert rows[0]["bytes_down"] >= 4 * st.K * model_bytes  # every sampled client got K models
 

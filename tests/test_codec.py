@@ -1,4 +1,4 @@
-"""task.params' cached .npy codec: byte for byte what Flower's Array does, and safe on bad data."""
+"""task.core.params' cached .npy codec: byte for byte what Flower's Array does, and safe on bad data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from task.params import decode, encode
+from task.core.params import decode, encode
 
 
 def _arrays():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from task.config import ConfigError, Field, compose_config
+from task.run.config import ConfigError, compose_config
+from task.run.schema import Field
 
 
 def test_default_composes_with_every_group():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from task.data import DOMAINS, build_federation, load_federation, render_domain
+from task.data.digits import DOMAINS, render_domain
+from task.data.load import build_federation, load_federation
 
 from .helpers import tiny_cfg
 
@@ -45,7 +46,7 @@ def test_unknown_domain_is_refused():
 def test_digits_read_without_sklearn_match_load_digits():
     from sklearn.datasets import load_digits
 
-    from task.data import sklearn_digits_arrays
+    from task.data.digits import sklearn_digits_arrays
 
     pixels, labels = sklearn_digits_arrays()
     bunch = load_digits()

@@ -16,7 +16,8 @@ from flwr.app import Context, RecordDict
 
 import client_app
 import server_app
-from task.device import CUBLAS_WORKSPACE, apply_determinism, determinism_enabled
+from task.core.device import CUBLAS_WORKSPACE, apply_determinism, determinism_enabled
+from task.engine.rounds import Engine
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, server, tiny_cfg
@@ -48,11 +49,12 @@ def test_clientapp_applies_the_key_before_loading_its_data(monkeypatch, determin
     seen = _spy(monkeypatch, client_app, "node_federation")
     overrides = f"{TINY} strategy=fedavg deterministic={str(deterministic).lower()}"
     st = server(tiny_cfg(f"strategy=fedavg deterministic={str(deterministic).lower()}"))
+    run = Engine(st)
     grid = FakeGrid(4, overrides)
-    st.discover(grid, 10)
-    assert st.deterministic_nodes == {100 + p: deterministic for p in range(4)}
+    run.discover(grid, 10)
+    assert run.deterministic_nodes == {100 + p: deterministic for p in range(4)}
     apply_determinism(not deterministic)
-    row = st.run_round(grid, 1, timeout=30, evaluate=False)
+    row = run.run_round(grid, 1, timeout=30, evaluate=False)
     assert row["rejected_replies"] == 0
     assert seen and all(s is deterministic for s in seen)  # every training
     assert torch.are_deterministic_algorithms_enabled() is deterministic

@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 
 from deploy import netns
-from task.config import compose_config
-from task.data import build_federation
+from task.data.load import build_federation
+from task.run.config import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = len(build_federation(compose_config("")).clients)

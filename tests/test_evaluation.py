@@ -12,11 +12,11 @@ import torch
 from flwr.app import Context, RecordDict
 
 import server_app
-from task.config import ConfigError, available_presets, compose_config
-from task.data import build_federation, load_federation
-from task.outputs import NO_SELECTION, RunOutputs, select_best_round
-from task.sweep import summarize
-from task.training import batches
+from task.core.training import batches
+from task.data.load import build_federation, load_federation
+from task.run.config import ConfigError, available_presets, compose_config
+from task.run.outputs import NO_SELECTION, RunOutputs, select_best_round
+from task.run.sweep import summarize
 
 from .fake_grid import FakeGrid
 from .helpers import TINY

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from strategies.base import TrainReply
 from strategies.fedclup import adaptive_lam, distance, server_step
-from task.config import compose_config
-from task.state import PersonalState
-from task.sweep import job_name
-from task.sweep import main as sweep_main
-from task.tradeoff import first_reach, short_labels, tradeoff_rows, write_report
+from task.algorithms.tradeoff import first_reach, short_labels, tradeoff_rows, write_report
+from task.core.messages import TrainReply
+from task.core.state import PersonalState
+from task.engine.rounds import Engine
+from task.run.config import compose_config
+from task.run.sweep import job_name
+from task.run.sweep import main as sweep_main
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, client, make_context, server, tiny_cfg
@@ -70,8 +71,9 @@ def test_w_i_persists_and_starts_as_the_initial_model():
 def run_rounds(lam: float, rounds: int = 3) -> tuple[list[dict], object]:
     extra = f"{BASE} strategy.lam={lam}"
     st = server(tiny_cfg(extra))
+    run = Engine(st)
     rows: list[dict] = []
-    st.start(FakeGrid(4, f"{TINY} {extra}"), num_rounds=rounds, timeout=60, on_round=rows.append)
+    run.start(FakeGrid(4, f"{TINY} {extra}"), num_rounds=rounds, timeout=60, on_round=rows.append)
     return rows, st
 
 

@@ -7,15 +7,16 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from strategies.base import ARRAYS, METRICS, TrainReply
 from strategies.fedslr import (
     GlobalPlusPersonal,
     feddyn_penalty,
     initial_personal_part,
     threshold_layers,
 )
-from task.config import compose_config
-from task.lowrank import rebuild, svt, to_matrix
+from task.algorithms.lowrank import rebuild, svt, to_matrix
+from task.core.messages import ARRAYS, METRICS, TrainReply
+from task.engine.rounds import Engine
+from task.run.config import compose_config
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, client, make_context, server, tiny_cfg
@@ -26,9 +27,10 @@ LOW_RANK = "strategy=fedslr strategy.lam=0.03"
 
 def _round(overrides: str, rounds: int = 1, tamper=None, evaluate: bool = False):
     st = server(tiny_cfg(overrides))
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} {overrides}", tamper=tamper)
-    st.discover(grid, 10)
-    rows = [st.run_round(grid, r, timeout=60, evaluate=evaluate) for r in range(1, rounds + 1)]
+    run.discover(grid, 10)
+    rows = [run.run_round(grid, r, timeout=60, evaluate=evaluate) for r in range(1, rounds + 1)]
     return st, grid, rows
 
 
@@ -75,9 +77,9 @@ def test_aggregate_is_feddyn_corrected_mean_then_svt():
 
 def test_checkpoint_restores_h_and_the_factors(tmp_path):
     st, _, _ = _round(LOW_RANK)
-    st.save_checkpoint(tmp_path / "ck.npz", 1)
+    Engine(st).save_checkpoint(tmp_path / "ck.npz", 1)
     fresh = server(tiny_cfg(LOW_RANK))
-    assert fresh.load_checkpoint(tmp_path / "ck.npz") == 1
+    assert Engine(fresh).load_checkpoint(tmp_path / "ck.npz") == 1
     for key in st.h:
         assert torch.equal(fresh.h[key], st.h[key])
     sent, again = st.transport(), fresh.transport()
@@ -87,11 +89,12 @@ def test_checkpoint_restores_h_and_the_factors(tmp_path):
 # --- downlink through the real round loop ----------------------------------------------------
 def test_low_rank_global_travels_factorised_one_record_per_round_and_dense_replies_pass():
     st = server(tiny_cfg(LOW_RANK))
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} {LOW_RANK}")
-    st.discover(grid, 10)
-    first = st.run_round(grid, 1, timeout=60, evaluate=False)
+    run.discover(grid, 10)
+    first = run.run_round(grid, 1, timeout=60, evaluate=False)
     w_s = {k: v.clone() for k, v in st.global_state.items()}  # what round 2 sends
-    second = st.run_round(grid, 2, timeout=60, evaluate=False)
+    second = run.run_round(grid, 2, timeout=60, evaluate=False)
     assert first["rejected_replies"] == second["rejected_replies"] == 0
     ranks, full = first["fedslr"]["rank"], first["fedslr"]["full_rank"]
     assert any(ranks[k] < full[k] for k in ranks)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from task.device import resolve_device
+from task.core.device import resolve_device
+from task.engine.rounds import Engine
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, server, tiny_cfg
@@ -31,11 +32,12 @@ def test_auto_is_cpu_without_cuda_and_cuda_is_refused_without_it():
 def test_rounds_on_cuda_keep_gpu_memory_flat(name):
     overrides = f"{TINY} strategy={name} device=cuda"
     st = server(tiny_cfg(f"strategy={name} device=cuda"))
+    run = Engine(st)
     grid = FakeGrid(4, overrides)
-    st.discover(grid, 10)
+    run.discover(grid, 10)
     allocated = []
     for server_round in range(1, 5):
-        row = st.run_round(grid, server_round, timeout=60, evaluate=True)
+        row = run.run_round(grid, server_round, timeout=60, evaluate=True)
         assert row["rejected_replies"] == 0
         torch.cuda.synchronize()
         allocated.append(torch.cuda.memory_allocated())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from task.launch import door, flwr_command, main
+from task.run.launch import door, flwr_command, main
 
 
 def test_command_sizes_the_federation_and_passes_the_overrides():

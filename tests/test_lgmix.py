@@ -10,7 +10,6 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from torch import nn
 
-from strategies.base import ARRAYS, CONFIG, METRICS
 from strategies.lgmix import (
     FeatureRecorder,
     feature_trace,
@@ -20,9 +19,11 @@ from strategies.lgmix import (
     ntk_trace,
     plot_cbar,
 )
-from task.params import from_record, to_record
-from task.state import PersonalState
-from task.training import train_epochs
+from task.core.messages import ARRAYS, CONFIG, METRICS
+from task.core.params import from_record, to_record
+from task.core.state import PersonalState
+from task.core.training import train_epochs
+from task.engine.rounds import Engine
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, server, tiny_cfg
@@ -121,6 +122,7 @@ def run():
     """3 rounds, 4 clients, half sampled each round; personal and global states per round."""
     cfg = tiny_cfg(OVERRIDES)
     st = server(cfg)
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} {OVERRIDES}")
     globals_ = [{k: v.clone() for k, v in st.global_state.items()}]
     personal: list[dict] = [{cid: None for cid in range(4)}]
@@ -133,7 +135,7 @@ def run():
         personal.append({cid: latest(grid.contexts[100 + cid], cid, "personal") for cid in range(4)})
         deltas.append({cid: latest(grid.contexts[100 + cid], cid, "delta") for cid in range(4)})
 
-    st.start(grid, num_rounds=3, timeout=10, on_round=on_round)
+    run.start(grid, num_rounds=3, timeout=10, on_round=on_round)
     return st, rows, globals_, personal, deltas
 
 
@@ -214,7 +216,7 @@ def trained(model: nn.Module, data, epochs: int, seed: int) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def federation():
-    from task.data import load_federation
+    from task.data.load import load_federation
 
     return load_federation(tiny_cfg(), torch.device("cpu"))
 
@@ -249,10 +251,8 @@ def test_proxy_and_full_ntk_trace_order_models_alike(federation):
 
 def test_checkpoint_keeps_the_running_means(run, tmp_path):
     st, *_ = run
-    if not hasattr(st, "save_checkpoint"):
-        pytest.skip("this PFLStrategy has no checkpoints")
-    st.save_checkpoint(tmp_path / "checkpoint.npz", 3)
+    Engine(st).save_checkpoint(tmp_path / "checkpoint.npz", 3)
     again = server(tiny_cfg(OVERRIDES))
-    assert again.load_checkpoint(tmp_path / "checkpoint.npz") == 3
+    assert Engine(again).load_checkpoint(tmp_path / "checkpoint.npz") == 3
     assert again.cbar == st.cbar and again.c_count == st.c_count
     assert all(torch.equal(again.global_state[k], v) for k, v in st.global_state.items())

@@ -1,11 +1,11 @@
-"""task.lowrank: the proximal operators, the conv reshape, the factorised transport, FedDyn."""
+"""task.algorithms.lowrank: the proximal operators, the conv reshape, the factorised transport, FedDyn."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from task.lowrank import (
+from task.algorithms.lowrank import (
     decode_transport,
     dual_update,
     encode_transport,

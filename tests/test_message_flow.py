@@ -7,10 +7,11 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 import client_app
-from strategies.base import METRICS, hosted_clients
-from task import node_cache
-from task.data import load_federation
-from task.node_cache import cached_config, node_federation
+from task.core.messages import METRICS, hosted_clients
+from task.data import node_cache
+from task.data.load import load_federation
+from task.data.node_cache import cached_config, node_federation
+from task.engine.rounds import Engine
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, server, tiny_cfg
@@ -22,26 +23,29 @@ def _types(grid: FakeGrid) -> list[str]:
 
 def test_lgmix_evaluation_rides_on_personalize_and_scores_what_an_evaluate_message_would():
     st = server(tiny_cfg("strategy=lgmix"))
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} strategy=lgmix")
-    st.discover(grid, 10)
+    run.discover(grid, 10)
     grid.pushed.clear()
-    row = st.run_round(grid, 1, timeout=10, evaluate=True)
+    row = run.run_round(grid, 1, timeout=10, evaluate=True)
     # Two messages per client (train, personalize carrying the evaluation), not three.
     assert sorted(_types(grid)) == ["train"] * 4 + ["train.personalize"] * 4
     assert row["evaluated_clients"] == 4 and row["rejected_replies"] == 0
     # Separate evaluate messages, sent now, score exactly what the merged ones reported.
-    messages = list(st.configure_evaluate(1, None, ConfigRecord(), grid))
-    replies, _ = st._exchange(grid, messages, 10)
-    separate = {st._cid_of(r): r.content.metric_records[METRICS]["accuracy"] for r in replies}
+    messages = list(run.configure_evaluate(1, None, ConfigRecord(), grid))
+    replies, _ = run._exchange(grid, messages, 10)
+    separate = {run._reply_cid[r.metadata.reply_to_message_id]: r.content.metric_records[METRICS]["accuracy"]
+                for r in replies}
     assert separate == row["per_client_accuracy"]
 
 
 def test_ditto_round_sends_train_and_evaluate_only():
     st = server(tiny_cfg("strategy=ditto"))
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} strategy=ditto")
-    st.discover(grid, 10)
+    run.discover(grid, 10)
     grid.pushed.clear()
-    st.run_round(grid, 1, timeout=10, evaluate=True)
+    run.run_round(grid, 1, timeout=10, evaluate=True)
     assert sorted(_types(grid)) == ["evaluate"] * 4 + ["train"] * 4
 
 
@@ -50,11 +54,12 @@ def test_a_client_that_never_answers_is_named_in_missing_clients():
         return None if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == 101 else reply
 
     st = server(tiny_cfg("strategy=ditto"))
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} strategy=ditto", tamper=tamper)
-    st.discover(grid, 10)
-    row = st.run_round(grid, 1, timeout=0.3, evaluate=False)
+    run.discover(grid, 10)
+    row = run.run_round(grid, 1, timeout=0.3, evaluate=False)
     assert row["missing_clients"] == [1] and row["late_replies"] == 1
-    healthy = st.run_round(FakeGrid(4, f"{TINY} strategy=ditto"), 2, timeout=10, evaluate=False)
+    healthy = run.run_round(FakeGrid(4, f"{TINY} strategy=ditto"), 2, timeout=10, evaluate=False)
     assert "missing_clients" not in healthy
 
 
@@ -86,9 +91,10 @@ def test_a_deployed_node_trains_from_its_cache_as_from_a_fresh_build(tmp_path):
 
     def train_once(context: Context):
         st = server(tiny_cfg("strategy=ditto"))
+        run = Engine(st)
         grid = FakeGrid(4, f"{TINY} strategy=ditto")
-        st.discover(grid, 10)
-        message = next(iter(st.configure_train(1, None, ConfigRecord(), grid)))
+        run.discover(grid, 10)
+        message = next(iter(run.configure_train(1, None, ConfigRecord(), grid)))
         reply = client_app.train(message, context)
         return reply.content.array_records["arrays"].to_torch_state_dict()
 

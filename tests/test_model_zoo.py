@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from task.models import MODELS, build_model, last_linear
+from task.core.models import MODELS, build_model, last_linear
 
 CONFIGS = {"digit_cnn": {"width": 0.125}, "mlp": {"hidden": 16}, "cnn": {}, "lenet5": {},
            "resnet18_gn": {"groups": 2, "width": 0.125}, "logreg": {}}
@@ -38,8 +38,8 @@ def test_lenet5_refuses_tiny_images():
 
 def test_global_mean_pool_is_adaptive_avg_pool_to_one_and_raises_no_determinism_error():
     """On CUDA (where AdaptiveAvgPool2d's backward would raise) this checks the whole model."""
-    from task.device import apply_determinism
-    from task.models import GlobalMeanPool
+    from task.core.device import apply_determinism
+    from task.core.models import GlobalMeanPool
 
     x = torch.randn(2, 3, 5, 7, requires_grad=True)
     assert torch.allclose(GlobalMeanPool()(x), torch.nn.AdaptiveAvgPool2d(1)(x), atol=1e-6)

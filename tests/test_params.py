@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from task import params
-from task.params import all_finite, from_record, message_state, subtract, to_record, weighted_mean
+from task.core import params
+from task.core.params import all_finite, from_record, message_state, subtract, to_record, weighted_mean
 
 
 def test_weighted_mean_is_the_p_weighted_average():

@@ -9,10 +9,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from task.config import ConfigError, compose_config
-from task.data import build_federation
-from task.partitions import allocate_test, partition_source, plan, split_validation, write_partition_report
-from task.sources import Source
+from task.data.load import build_federation
+from task.data.partitions import (
+    allocate_test,
+    partition_source,
+    plan,
+    split_validation,
+    write_partition_report,
+)
+from task.data.sources import Source
+from task.run.config import ConfigError, compose_config
 
 from .helpers import tiny_cfg
 

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strategies.base import TrainReply
-from task.config import ConfigError
-from task.mutual import iteration_batches, mutual_kl, mutual_loss, outer_gradient, prox_steps
-from task.params import damped_step, model_state
-from task.state import PersonalState
-from task.training import batches, step_generator
+from task.algorithms.mutual import iteration_batches, mutual_kl, mutual_loss, outer_gradient, prox_steps
+from task.core.messages import TrainReply
+from task.core.params import damped_step, model_state
+from task.core.state import PersonalState
+from task.core.training import batches, step_generator
+from task.engine.rounds import Engine
+from task.run.config import ConfigError
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, client, make_context, server, tiny_cfg
@@ -196,8 +197,9 @@ def test_round_loop_learns_above_chance():
     run = "strategy=pfml model=mlp model.hidden=16"  # one local epoch of batch 32 a round
     overrides = f"{TINY} {run}"
     st = server(tiny_cfg(run))
+    run = Engine(st)
     rows = []
-    st.start(FakeGrid(4, overrides), num_rounds=2, timeout=30, on_round=rows.append)
+    run.start(FakeGrid(4, overrides), num_rounds=2, timeout=30, on_round=rows.append)
     last = rows[-1]
     assert last["rejected_replies"] == 0 and last["bytes_up"] > 0
     assert last["personalized_accuracy"]["mean"] > 0.25 and last["global_accuracy"] is not None

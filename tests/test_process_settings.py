@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from task.config import ConfigError, compose_config
-from task.device import _glibc
+from task.core.device import _glibc
+from task.run.config import ConfigError, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBC = _glibc()
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(LIBC is None or not hasattr(LIBC, "mallinfo2"),
 # Bytes held in mmapped blocks, as glibc's mallinfo2 reports them, around a live 40 MiB bytes.
 PROBE = """
 import ctypes, sys
-from task.device import _glibc, reuse_freed_memory
+from task.core.device import _glibc, reuse_freed_memory
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks "
                                                "fsmblks uordblks fordblks keepcost").split()]

@@ -11,9 +11,10 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 
 import server_app
 from strategies import REGISTRY
-from strategies.base import ARRAYS, METRICS, TrainReply
-from task.params import from_record
-from task.state import PersonalState
+from task.core.messages import ARRAYS, METRICS, TrainReply
+from task.core.params import from_record
+from task.core.state import PersonalState
+from task.engine.rounds import Engine
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, make_context, server, tiny_cfg
@@ -104,9 +105,10 @@ def _run_one_round(name: str, kind: str | None):
         return MALFORMED[kind](msg, reply)
 
     st = server(tiny_cfg(f"strategy={name}"))
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} strategy={name}", tamper=tamper)
-    st.discover(grid, 10)
-    row = st.run_round(grid, 1, timeout=10, evaluate=False)
+    run.discover(grid, 10)
+    row = run.run_round(grid, 1, timeout=10, evaluate=False)
     return st, row, honest
 
 
@@ -131,11 +133,12 @@ def test_malformed_reply_is_dropped_and_the_aggregate_is_that_of_the_valid_ones(
 
 def test_all_clients_failing_skips_the_round_without_crashing():
     st = server(tiny_cfg("strategy=fedavg"))
+    run = Engine(st)
     before = {k: v.clone() for k, v in st.global_state.items()}
     grid = FakeGrid(4, f"{TINY} strategy=fedavg", tamper=lambda m, r: _error_reply(m, r)
                     if m.metadata.message_type == "train" else r)
-    st.discover(grid, 10)
-    row = st.run_round(grid, 1, timeout=10, evaluate=True)
+    run.discover(grid, 10)
+    row = run.run_round(grid, 1, timeout=10, evaluate=True)
     assert row["rejected_replies"] == 4 and row["train_loss"] is None
     assert all(torch.equal(before[k], st.global_state[k]) for k in before)
     assert row["personalized_accuracy"] is not None  # evaluation still runs
@@ -146,8 +149,9 @@ def test_a_node_that_never_answers_is_named_at_start():
     grid = FakeGrid(4, f"{TINY} strategy=fedavg",
                     tamper=lambda m, r: None if m.metadata.dst_node_id == silent else r)
     st = server(tiny_cfg("strategy=fedavg"))
+    run = Engine(st)
     with pytest.raises(RuntimeError, match="no node serves clients \\[2\\]"):
-        st.discover(grid, 0.5)
+        run.discover(grid, 0.5)
 
 
 def test_replies_after_round_timeout_are_ignored_and_counted():
@@ -155,9 +159,10 @@ def test_replies_after_round_timeout_are_ignored_and_counted():
         return None if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == 101 else reply
 
     st = server(tiny_cfg("strategy=fedavg"))
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} strategy=fedavg", tamper=tamper)
-    st.discover(grid, 10)
-    row = st.run_round(grid, 1, timeout=0.3, evaluate=False)
+    run.discover(grid, 10)
+    row = run.run_round(grid, 1, timeout=0.3, evaluate=False)
     assert row["late_replies"] == 1 and row["rejected_replies"] == 0 and row["train_loss"] is not None
 
 
@@ -168,9 +173,10 @@ def test_a_reply_from_another_node_than_the_one_asked_is_rejected():
         return reply
 
     st = server(tiny_cfg("strategy=fedavg"))
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} strategy=fedavg", tamper=tamper)
-    st.discover(grid, 10)
-    row = st.run_round(grid, 1, timeout=10, evaluate=False)
+    run.discover(grid, 10)
+    row = run.run_round(grid, 1, timeout=10, evaluate=False)
     assert row["rejected_replies"] == 1 and row["train_loss"] is not None
 
 
@@ -182,9 +188,10 @@ def test_eval_reply_with_accuracy_out_of_range_is_rejected():
         return _with_content(msg, reply, RecordDict({METRICS: bad}))
 
     st = server(tiny_cfg("strategy=fedavg"))
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} strategy=fedavg", tamper=tamper)
-    st.discover(grid, 10)
-    row = st.run_round(grid, 1, timeout=10, evaluate=True)
+    run.discover(grid, 10)
+    row = run.run_round(grid, 1, timeout=10, evaluate=True)
     assert row["rejected_replies"] == 1 and len(row["per_client_accuracy"]) == 3
 
 

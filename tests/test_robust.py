@@ -1,4 +1,4 @@
-"""Robust aggregators (task/robust.py): breakdown properties on synthetic vectors, and their
+"""Robust aggregators (task/algorithms/robust.py): breakdown properties on synthetic vectors, and their
 use by every strategy's averaging (strategies/base.py)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies.base import TrainReply
-from task import robust
-from task.params import weighted_mean
+from task.algorithms import robust
+from task.core.messages import TrainReply
+from task.core.params import weighted_mean
 
 from .helpers import server, tiny_cfg
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from strategies.base import host_name
-from task.config import ConfigError
-from task.params import to_record
+from task.core.messages import host_name
+from task.core.params import to_record
+from task.engine.rounds import Engine
+from task.run.config import ConfigError
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, server, tiny_cfg
@@ -21,9 +22,10 @@ from .helpers import TINY, server, tiny_cfg
 def _run(extra: str, rounds: int = 3):
     overrides = f"{TINY} strategy=ditto fraction_train=0.5 {extra}".strip()
     st = server(tiny_cfg(f"strategy=ditto fraction_train=0.5 {extra}".strip()))
+    run = Engine(st)
     grid = FakeGrid(4, overrides)
     rows = []
-    st.start(grid, num_rounds=rounds, timeout=30, on_round=rows.append)
+    run.start(grid, num_rounds=rounds, timeout=30, on_round=rows.append)
     return rows, grid
 
 
@@ -54,9 +56,10 @@ def test_eval_fraction_out_of_range_is_refused():
 
 def test_one_record_per_distinct_array_set_per_phase():
     st = server(tiny_cfg("strategy=fedavg"))
+    run = Engine(st)
     grid = FakeGrid(4, f"{TINY} strategy=fedavg")
-    st.discover(grid, 10)
-    messages = list(st.configure_train(1, None, ConfigRecord(), grid))
+    run.discover(grid, 10)
+    messages = list(run.configure_train(1, None, ConfigRecord(), grid))
     records = {id(m.content.array_records["arrays"]) for m in messages}
     assert len(messages) == 4 and len(records) == 1
     sent = messages[0].content.array_records["arrays"]
@@ -90,7 +93,7 @@ def test_host_name_never_trusts_the_reply(value, name):
 
 
 def test_ray_address_reaches_only_a_superlink_started_with_it(monkeypatch, capsys):
-    from task import launch
+    from task.run import launch
 
     monkeypatch.setattr(launch, "local_superlink", lambda: None)
     assert launch.ray_address_problem("10.0.0.1:6379") is None  # flwr run starts one with it
@@ -105,7 +108,7 @@ def test_ray_address_reaches_only_a_superlink_started_with_it(monkeypatch, capsy
 
 
 def test_ray_address_option_and_environment_in_the_printed_command(monkeypatch, capsys):
-    from task.launch import main
+    from task.run.launch import main
 
     assert main(["--dry-run", "--ray-address", "10.0.0.1:6379", TINY]) == 0
     assert "+ RAY_ADDRESS=10.0.0.1:6379 flwr run" in capsys.readouterr().out
@@ -118,7 +121,7 @@ def test_ray_address_option_and_environment_in_the_printed_command(monkeypatch, 
 
 # --- personal state of 10,000 clients: on disk only with the run's client_state_dir ---------
 def test_run_state_dir_keeps_personal_state_out_of_the_context(tmp_path):
-    from task.state import PersonalState
+    from task.core.state import PersonalState
 
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 1},
                   state=RecordDict(), run_config={})
@@ -146,18 +149,19 @@ def test_ditto_with_a_run_state_dir_trains_as_with_state_in_memory(tmp_path):
 def test_node_ids_are_asked_again_only_after_a_round_that_missed_replies():
     overrides = f"{TINY} strategy=fedavg"
     st = server(tiny_cfg("strategy=fedavg"))
+    run = Engine(st)
     grid = FakeGrid(4, overrides)
     asked = []
     real = grid.get_node_ids
     grid.get_node_ids = lambda: asked.append(1) or real()
-    st.discover(grid, 10)
+    run.discover(grid, 10)
     asked.clear()
     for r in (1, 2, 3):
-        st.run_round(grid, r, 10, evaluate=False)
+        run.run_round(grid, r, 10, evaluate=False)
     assert len(asked) == 1  # the first round checks once; clean rounds after it do not
     grid.tamper = lambda msg, reply: None if msg.metadata.message_type == "train" else reply  # no replies
-    st.run_round(grid, 4, 0.2, evaluate=False)
+    run.run_round(grid, 4, 0.2, evaluate=False)
     grid.tamper = None
     asked.clear()
-    st.run_round(grid, 5, 10, evaluate=False)
+    run.run_round(grid, 5, 10, evaluate=False)
     assert len(asked) == 1  # after the round with late replies, the next one looks for new node ids

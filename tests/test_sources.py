@@ -14,10 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from task import sources
-from task.config import ConfigError, compose_config
-from task.data import build_federation
-from task.sources import MissingDataError, load_source
+from task.data import sources
+from task.data.load import build_federation
+from task.data.sources import MissingDataError, load_source
+from task.run.config import ConfigError, compose_config
 
 RNG = np.random.default_rng(0)
 

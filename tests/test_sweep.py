@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from task.sweep import expand, group_key, job_name, summarize
+from task.run.sweep import expand, group_key, job_name, summarize
 
 
 def test_expand_takes_the_cartesian_product_of_swept_values():
@@ -44,7 +44,7 @@ def test_summary_averages_over_seeds_and_writes_table_and_plot(tmp_path):
 
 
 def test_an_interrupted_job_is_resumed_and_one_without_checkpoint_restarts_in_a_clean_folder(tmp_path):
-    from task.sweep import completed, job_arguments
+    from task.run.sweep import completed, job_arguments
 
     resumable = tmp_path / "a"
     resumable.mkdir()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from task.runfolder import LOCK, read_status
+from task.run.runfolder import LOCK, read_status
 
 from .conftest import ROOT, TINY
 

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 
 from deploy import pki
-from task.state import META, state_digest
+from task.core.state import META, state_digest
 
 from .conftest import ROOT
 
@@ -111,7 +111,7 @@ def test_unregistered_key_and_plain_http_are_refused(lab, tmp_path):
 
 
 def _saved_states(state_dir: Path) -> dict[str, tuple[int, str]]:
-    """{file: (round, digest)} of a client's state files, as task/state.py logs them."""
+    """{file: (round, digest)} of a client's state files, as task/core/state.py logs them."""
     out = {}
     for path in sorted(state_dir.glob("*.npz")):
         with np.load(path, allow_pickle=False) as data:

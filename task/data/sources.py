@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from flwr.common import log
 from omegaconf import DictConfig
 
-from task.outputs import atomic_write
+from task.run.outputs import atomic_write
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DIGITS5_DOMAINS = ("MNIST", "SVHN", "USPS", "SynthDigits", "MNIST_M")

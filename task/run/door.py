@@ -2,7 +2,7 @@
 
 ``pflower-sim`` runs these checks before it starts ``flwr run`` (a bad input fails in seconds)
 and the ServerApp runs them again (``flwr run`` may be started by hand): the config's types
-and ranges (``task.config``), the data (files present, readable, well-formed), the model
+and ranges (``task.run.config``), the data (files present, readable, well-formed), the model
 against the data (built once and run on one sample), the output folder (one run per folder,
 not locked), and a resume (same config, a readable checkpoint, client state that survived).
 """
@@ -16,14 +16,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from task.config import ConfigError
-from task.data import Federation
-from task.models import build_model
-from task.outputs import default_output_dir
-from task.runfolder import check_free
+from task.core.models import build_model
+from task.data.federation import Federation
+from task.engine.checkpoint import CHECKPOINT, CHECKPOINT_META
+from task.run.config import ConfigError
+from task.run.outputs import default_output_dir
+from task.run.runfolder import check_free
 
-CHECKPOINT = "checkpoint.npz"
-CHECKPOINT_META = "__meta__"
 # Keys that may differ between a run and its resumption.
 RESUME_FREE_KEYS = ("resume", "output_dir", "num_rounds", "round_timeout", "node_wait_timeout")
 

@@ -7,17 +7,24 @@ schema declared here and by each strategy module (``CONFIG_SCHEMA``).
 
 from __future__ import annotations
 
-import math
 import re
 import shlex
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from task.run.schema import (
+    COUNT,
+    FRACTION,
+    POSITIVE,
+    STRATEGY_SCHEMAS,
+    VAL_FRACTION,
+    Field,
+    Schema,
+)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("strategy", "dataset", "partition", "model", "aggregator", "attack")
 # Paper presets: ``+experiment=NAME`` merges conf/experiment/NAME.yaml (``# @package _global_``)
 # over the defaults; later overrides on the same command line still win.
@@ -28,53 +35,6 @@ class ConfigError(ValueError):
     """A run config that cannot be used: the message names the key and what is valid."""
 
 
-@dataclass(frozen=True)
-class Field:
-    """One config key's declared type and valid range (bounds inclusive unless *_open)."""
-
-    kind: type
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple[Any, ...] | None = None
-    nullable: bool = False
-
-    def describe(self) -> str:
-        if self.choices is not None:
-            return f"one of {list(self.choices)}"
-        lo = "(" if self.low_open else "["
-        hi = ")" if self.high_open else "]"
-        low = "-inf" if self.low is None else self.low
-        high = "inf" if self.high is None else self.high
-        finite = "finite " if self.kind is float else ""
-        null = " or null" if self.nullable else ""
-        return f"{finite}{self.kind.__name__} in {lo}{low}, {high}{hi}{null}"
-
-    def accepts(self, value: Any) -> bool:
-        if value is None:
-            return self.nullable
-        if self.choices is not None:
-            return value in self.choices
-        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, self.kind) or isinstance(value, bool) != (self.kind is bool):
-            return False
-        if isinstance(value, float) and not math.isfinite(value):
-            return False  # nan / inf pass every range check and poison every update
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return not (
-            self.high is not None and (value >= self.high if self.high_open else value > self.high)
-        )
-
-
-Schema = dict[str, Field]
-
-POSITIVE = Field(float, 0.0, low_open=True)
-FRACTION = Field(float, 0.0, 1.0, low_open=True)
-COUNT = Field(int, 1)
-VAL_FRACTION = Field(float, 0.0, 1.0, high_open=True)
 SOURCE_FIELDS: Schema = {"name": Field(str), "data_root": Field(str), "download": Field(bool)}
 
 TOP_SCHEMA: Schema = {
@@ -103,6 +63,7 @@ TOP_SCHEMA: Schema = {
 }
 
 GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
+    "strategy": STRATEGY_SCHEMAS,
     "dataset": {
         "digits": {
             "name": Field(str),
@@ -136,7 +97,7 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
         "class_groups": {"name": Field(str), "num_clients": COUNT, "num_clusters": COUNT,
                          "val_fraction": VAL_FRACTION},
     },
-    # Robust aggregation of client uploads (task/robust.py) and Byzantine attacks (task/attacks.py).
+    # Robust aggregation of uploads (task/algorithms/robust.py), Byzantine attacks (task/threat/).
     "aggregator": {
         "mean": {"name": Field(str)},
         "median": {"name": Field(str)},
@@ -173,11 +134,6 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
 }
 
 
-def register_strategy_schema(name: str, schema: Schema) -> None:
-    """Declare a strategy's config keys (called by each strategy module)."""
-    GROUP_SCHEMAS.setdefault("strategy", {})[name] = {"name": Field(str), **schema}
-
-
 def split_overrides(overrides: str) -> list[str]:
     """Split the ``overrides`` string of the run config like a shell would."""
     return shlex.split(overrides or "")
@@ -191,7 +147,7 @@ def compose_config(overrides: str = "") -> DictConfig:
     within a run.
     """
     # Hydra is imported here, not at module level: a deployed ClientApp reading its cached
-    # config (task/node_cache.py) then never imports it.
+    # config (task/data/node_cache.py) then never imports it.
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException
 

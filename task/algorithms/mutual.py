@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from task.training import batches
+from task.core.training import batches
 
 StateDict = dict[str, torch.Tensor]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from flwr.common import log
 
-from task.outputs import atomic_write_text
+from task.run.outputs import atomic_write_text
 
 LOCK = ".pflower.lock"
 STATUS = "status.json"

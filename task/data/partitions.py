@@ -1,4 +1,4 @@
-"""Partitioners: split a :class:`~task.sources.Source` among clients (``partition=<name>``).
+"""Partitioners: split a :class:`~task.data.sources.Source` among clients (``partition=<name>``).
 
 - ``iid``: a seeded uniform split (flwr-datasets' ``IidPartitioner`` over a shuffled index).
 - ``dirichlet``: label skew, each class spread over the clients by Dir(``alpha``)
@@ -6,7 +6,7 @@
 - ``pathological``: every client holds ``classes_per_client`` classes (flwr-datasets'
   ``PathologicalPartitioner``, first class of client i is class i mod C).
 - ``domains``: feature shift, ``clients_per_domain`` clients per domain of a dataset made of
-  domains (digits-5; the built-in ``digits`` federation renders its own, see task/data.py).
+  domains (digits-5; the built-in ``digits`` federation renders its own, see task/data/).
 - ``rotation``: ``num_clusters`` equal groups of clients; group k's images rotated by k*90
   degrees (an IID split underneath).
 - ``relabel``: ``num_clusters`` equal groups; group k's labels map y -> (y + k) mod C.
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from task.data import ClientData, Federation
-from task.sources import Source
+from task.data.federation import ClientData, Federation
+from task.data.sources import Source
 
 PARTITIONS = ("iid", "dirichlet", "pathological", "domains", "rotation", "relabel", "class_groups")
 

@@ -16,7 +16,7 @@ Keys hash everything the content depends on (the overrides, every file under ``c
 the config code; the dataset, partition and seed and the code that builds the data), so a
 changed config or a new pflower version never reads a stale entry. Writes are
 atomic (temporary file, then rename). This is per-node, read-only data: personal state
-stays in task/state.py.
+stays in task/core/state.py.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TASK_DIR = Path(__file__).resolve().parent
+TASK_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = TASK_DIR.parent / "conf"
-CONFIG_CODE = ("config.py",)
-DATA_CODE = ("data.py", "sources.py", "partitions.py")
+CONFIG_CODE = ("run/config.py", "run/schema.py")
+DATA_CODE = ("data/load.py", "data/federation.py", "data/digits.py", "data/sources.py", "data/partitions.py")
 
 
 def _digest(*parts: str | bytes) -> str:
@@ -63,7 +63,7 @@ def cached_config(overrides: str, cache_dir: Path | None) -> Any:
     from omegaconf import OmegaConf
 
     if cache_dir is None:
-        from task.config import compose_config
+        from task.run.config import compose_config
 
         return compose_config(overrides)
     path = cache_dir / f"config-{_digest(overrides, _conf_digest())}.yaml"
@@ -71,7 +71,7 @@ def cached_config(overrides: str, cache_dir: Path | None) -> Any:
         cfg = OmegaConf.load(path)
         OmegaConf.set_readonly(cfg, True)
         return cfg
-    from task.config import compose_config
+    from task.run.config import compose_config
 
     cfg = compose_config(overrides)
     _atomic(path, lambda tmp: OmegaConf.save(cfg, tmp))
@@ -88,7 +88,8 @@ def node_federation(cfg: Any, device: Any, cache_dir: Path | None, served: Calla
     """
     import torch
 
-    from task.data import ClientData, Federation, client_on, federation_key, load_federation
+    from task.data.federation import ClientData, Federation, client_on
+    from task.data.load import federation_key, load_federation
 
     if cache_dir is None:
         return load_federation(cfg, device)

@@ -2,7 +2,7 @@
 
     pflower-sim strategy=ditto num_rounds=5 strategy.lam=0.5
 
-1. The door (``task/door.py``): composes the config with those overrides, loads the data,
+1. The door (``task/run/door.py``): composes the config with those overrides, loads the data,
    builds the model on one sample, and checks the output folder (one run per folder, not
    locked) and a resume; any problem is a message and exit status 2, before Flower starts.
 2. Starts the run with the plain Flower command (printed; ``--dry-run`` prints only):
@@ -39,9 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from task.config import ConfigError, compose_config
+from task.run.config import ConfigError, compose_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 2.0
 STOP_WAIT_S = 120.0
 HOLDER_EXIT_S = 60.0
@@ -156,7 +156,7 @@ def cluster_path_warnings(overrides: str) -> list[str]:
 def pin_output_dir(overrides: str) -> str:
     """With no ``output_dir`` (and no resume), name the default folder now, so that the folder
     checked here and reported is the one the ServerApp writes (``outputs/<time>-...`` here)."""
-    from task.outputs import default_output_dir
+    from task.run.outputs import default_output_dir
 
     cfg = compose_config(overrides)
     if cfg.output_dir or cfg.resume:
@@ -167,8 +167,8 @@ def pin_output_dir(overrides: str) -> str:
 def door(overrides: str) -> tuple[int, Path]:
     """Every check that can run before Flower starts: (clients, output folder), or an error."""
     from strategies import lookup
-    from task.data import build_federation
-    from task.door import check_run
+    from task.data.load import build_federation
+    from task.run.door import check_run
 
     cfg = compose_config(overrides)
     federation = build_federation(cfg)
@@ -260,7 +260,7 @@ class FlowerRun:
 def wait_for_holder(directory: Path, timeout: float) -> None:
     """Wait until the process holding the folder's lock (the ServerApp) has exited: after
     ``flwr stop`` the SuperLink reports the run stopped before its process is gone."""
-    from task.runfolder import holder_alive, read_lock
+    from task.run.runfolder import holder_alive, read_lock
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -273,7 +273,7 @@ def wait_for_holder(directory: Path, timeout: float) -> None:
 
 def outcome(record: dict, directory: Path, signum: int | None) -> int:
     """The exit status for the run's final record, with the failure's message printed last."""
-    from task.runfolder import read_status, release_dead_lock
+    from task.run.runfolder import read_status, release_dead_lock
 
     wait_for_holder(directory, HOLDER_EXIT_S)
     release_dead_lock(directory)

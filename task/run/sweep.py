@@ -32,9 +32,9 @@ import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 
-from task import launch
-from task.outputs import select_best_round
-from task.runfolder import read_lock, read_status
+from task.run import launch
+from task.run.outputs import select_best_round
+from task.run.runfolder import read_lock, read_status
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     summarize(groups, args.out)
     print((args.out / "summary.md").read_text())
     if args.target is not None:
-        from task.tradeoff import write_report
+        from task.algorithms.tradeoff import write_report
 
         write_report(groups, args.out, args.target)
         print((args.out / "tradeoff.md").read_text())

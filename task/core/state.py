@@ -31,8 +31,8 @@ import torch
 from flwr.app import Context
 from flwr.common import log
 
-from task.outputs import atomic_write
-from task.params import as_tensor, encode, view
+from task.core.params import as_tensor, encode, view
+from task.run.outputs import atomic_write
 
 StateDict = dict[str, torch.Tensor]
 META = "__round__"

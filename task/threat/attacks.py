@@ -2,8 +2,9 @@
 
 An *update* is what a client's training changed: the uploaded model minus the model it was
 sent (for methods that upload models: FedAvg, FedProx, FedBN, Ditto's global model, IFCA), or
-the upload itself (methods that upload updates: LG-Mix, clustered). ``PFLStrategy`` turns a
-malicious update back into an upload of the method's kind.
+the upload itself (methods that upload updates: LG-Mix, clustered). The threat model
+(task/threat/byzantine.py, task/threat/clients.py) turns a malicious update back into an upload
+of the method's kind.
 
 Where each attack runs (the threat model, see docs/clustered.md):
 
@@ -11,8 +12,8 @@ Where each attack runs (the threat model, see docs/clustered.md):
   ``gaussian`` (the update replaced by N(mean, std^2) per coordinate, 1e6 and 200 as in
   Werner et al.'s code), ``signflip`` (-scale times its own update), ``labelflip`` (trains on
   labels y -> C - 1 - y);
-- by the server-side omniscient adversary (``PFLStrategy.byzantine_adversary``), which sees
-  every honest update of the round before aggregation, a simulation of colluding attackers
+- by the server-side omniscient adversary (task/threat/byzantine.py), which sees every
+  honest update of the round before aggregation, a simulation of colluding attackers
   who know what the honest clients send: ``bitflip`` (minus an honest update: each Byzantine
   client negates a seeded randomly chosen honest client's update), ``alie`` ("A Little Is
   Enough", Baruch et al. 2019: mu - z sigma, coordinate-wise mean and standard deviation of

@@ -6,7 +6,7 @@ clipped. Where an aggregator works per coordinate, ``discarded`` is the number o
 per coordinate. Which are Flower's own and which are written here:
 
 - ``mean``: sum_j p_j x_j, p_j = n_j / sum n (sample-weighted); here, and
-  ``task.params.weighted_mean`` in the base, exactly as before aggregators existed;
+  ``task.core.params.weighted_mean`` in the base, exactly as before aggregators existed;
 - ``median``: coordinate-wise median; Flower's ``flwr.server.strategy.aggregate.aggregate_median``;
 - ``trimmed_mean``: coordinate-wise mean without the ``beta`` fraction of largest and of
   smallest values; Flower's ``aggregate_trimmed_avg``;
@@ -243,12 +243,12 @@ def aggregate_states(name: str, states: Sequence[dict[str, torch.Tensor]], weigh
                      ) -> tuple[dict[str, torch.Tensor], int]:
     """An aggregator over state dicts: the aggregate and the discarded/clipped count.
 
-    ``mean`` is exactly ``task.params.weighted_mean`` (the p-weighted mean of every method so
+    ``mean`` is exactly ``task.core.params.weighted_mean`` (the p-weighted mean of every method so
     far); the others run on the floating entries flattened into one vector per upload, and
     integer entries (BatchNorm's ``num_batches_tracked``) take the maximum as in the mean.
     ``center`` (the previous aggregate, same keys) is where centered clipping and TC start.
     """
-    from task.params import weighted_mean
+    from task.core.params import weighted_mean
 
     if name == "mean":
         return weighted_mean(states, weights), 0

@@ -1,0 +1,1 @@
+"""Method math as pure functions: robust aggregation, low rank, mutual learning, trade-offs, ARI."""

@@ -1,0 +1,1 @@
+"""The plumbing every method and the engine use: parameters, personal state, device, training, models."""

@@ -1,0 +1,67 @@
+"""The configured federation: built once per process from its source and partition, then reused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import lru_cache
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from task.data.digits import build_digits_federation
+from task.data.federation import DeviceClients, Federation
+from task.data.partitions import partition_source, split_validation
+from task.data.sources import load_source
+
+
+def build_federation(cfg: DictConfig) -> Federation:
+    """Build the federation the config names (uncached; see ``load_federation``).
+
+    ``dataset=digits`` is the built-in federation (``partition=domains`` only); every other
+    dataset is a source of ``task/data/sources.py`` split by a partitioner of ``task/data/partitions.py``.
+    """
+    seed = int(cfg.seed)
+    val_fraction = float(cfg.partition.get("val_fraction", 0.0) or 0.0)
+    if cfg.dataset.name == "digits":
+        if cfg.partition.name != "domains":
+            raise ValueError(f"dataset=digits renders one visual domain per client group and takes "
+                             f"partition=domains only (got partition={cfg.partition.name}); for label skew "
+                             f"use a real dataset, e.g. dataset=mnist5k partition=dirichlet")
+        dataset = cfg.dataset
+        per = cfg.partition.get("clients_per_domain")
+        if per is not None:
+            dataset = OmegaConf.merge(dataset, {"clients_per_domain": int(per)})
+        fed = build_digits_federation(dataset, seed)
+    else:
+        fed = partition_source(load_source(cfg.dataset, val_fraction), cfg.partition, seed)
+    return split_validation(fed, val_fraction, seed)
+
+
+def federation_key(cfg: DictConfig) -> str:
+    """What identifies a federation: dataset, partition and seed."""
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "partition")}
+    return json.dumps({**parts, "seed": int(cfg.seed)}, sort_keys=True)
+
+
+@lru_cache(maxsize=2)
+def _cached_federation(key: str) -> Federation:
+    return build_federation(OmegaConf.create(json.loads(key)))
+
+
+@lru_cache(maxsize=4)
+def _federation_on(key: str, device: str) -> Federation:
+    fed = _cached_federation(key)
+    if torch.device(device).type == "cpu":
+        return fed
+    return dataclasses.replace(fed, clients=DeviceClients(fed.clients, device))
+
+
+def load_federation(cfg: DictConfig, device: torch.device) -> Federation:
+    """The federation as tensors on ``device``, built once per process and then reused; on a
+    device other than the CPU each client's tensors move there when first read
+    (``DeviceClients``), so a process moves only the clients it serves.
+
+    Read-only data may be cached per process; per-client mutable state never is.
+    """
+    return _federation_on(federation_key(cfg), str(device))

@@ -1,0 +1,1 @@
+"""The round engine: drives any method through its rounds (task/engine/rounds.py)."""

@@ -1,0 +1,110 @@
+"""Messages out and replies in, and which node serves which client.
+
+``exchange`` pushes and pulls with a short, backing-off poll (Flower 1.41's
+``send_and_receive`` sleeps 3 s between polls). ``Directory`` learns the clients each node
+serves from a "query" message at start and whenever an unknown node appears: client identity
+is the ``partition-id`` a ClientApp reports, never the Flower node id, which changes when a
+node reconnects.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from task.core.messages import CONFIG, METRICS, hosted_clients
+
+POLL_START_S = 0.005
+POLL_MAX_S = 0.05
+
+
+@dataclass
+class ClientInfo:
+    """What the server knows of a client: its node, and its partition's sizes."""
+
+    cid: int
+    node_id: int
+    num_train: int
+    num_test: int
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float
+             ) -> tuple[list[tuple[Message, Message]], int]:
+    """Push ``messages``, pull replies with a short backing-off poll.
+
+    Returns (sent message, reply) pairs and ``late``, the number of messages with no reply
+    within ``timeout`` seconds; their replies, if any come later, are never read.
+    """
+    if not messages:
+        return [], 0
+    ids = list(grid.push_messages(messages))
+    sent = dict(zip(ids, messages, strict=True))
+    pending = set(ids)
+    pairs: list[tuple[Message, Message]] = []
+    deadline = time.monotonic() + timeout
+    delay = POLL_START_S
+    while pending and time.monotonic() < deadline:
+        got = [r for r in grid.pull_messages(list(pending))
+               if r.metadata.reply_to_message_id in pending]
+        for reply in got:
+            pending.discard(reply.metadata.reply_to_message_id)
+            pairs.append((sent[reply.metadata.reply_to_message_id], reply))
+        if got:
+            delay = POLL_START_S
+        else:
+            time.sleep(delay)
+            delay = min(delay * 1.5, POLL_MAX_S)
+    return pairs, len(pending)
+
+
+class Directory:
+    """The clients (partition ids) each connected node serves, learnt by querying the nodes."""
+
+    def __init__(self, partition_sizes: list[tuple[int, int]]):
+        self.partition_sizes = partition_sizes
+        self.num_clients = len(partition_sizes)
+        self.clients: dict[int, ClientInfo] = {}
+        self.state_on_disk: dict[int, bool] = {}  # client -> its node keeps personal state on disk
+        self.deterministic_nodes: dict[int, bool] = {}  # node -> its ClientApp runs deterministic
+
+    def discover(self, grid: Grid, timeout: float) -> None:
+        """Query every node not known yet until every client is served, or fail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            known = {c.node_id for c in self.clients.values()}
+            unknown = [n for n in grid.get_node_ids() if n not in known]
+            if unknown:
+                self._query(grid, unknown, max(1.0, deadline - time.monotonic()))
+            if len(self.clients) >= self.num_clients or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if len(self.clients) < self.num_clients:
+            missing = sorted(set(range(self.num_clients)) - set(self.clients))
+            raise RuntimeError(
+                f"{len(self.clients)} of {self.num_clients} clients are served by the connected "
+                f"SuperNodes after {timeout:.0f}s; no node serves clients {missing[:20]}.")
+
+    def _query(self, grid: Grid, node_ids: list[int], timeout: float) -> None:
+        messages = [Message(RecordDict({CONFIG: ConfigRecord({"query": "identity"})}),
+                            dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        pairs, _ = exchange(grid, messages, timeout)
+        for _, reply in pairs:
+            if reply.has_error() or METRICS not in reply.content.metric_records:
+                continue
+            m = reply.content.metric_records[METRICS]
+            partition, partitions = int(m["partition-id"]), int(m["num-partitions"])
+            self.deterministic_nodes[reply.metadata.src_node_id] = bool(m.get("deterministic", 0))
+            if not 0 <= partition < partitions <= self.num_clients:
+                raise RuntimeError(
+                    f"node {reply.metadata.src_node_id} says partition-id={partition} "
+                    f"num-partitions={partitions}, but the config's federation has "
+                    f"{self.num_clients} clients: every SuperNode needs the same num-partitions, "
+                    f"at most {self.num_clients} (one SuperNode per client, or fewer that each "
+                    "host several clients).")
+            for cid in hosted_clients(partition, partitions, self.num_clients):
+                num_train, num_test = self.partition_sizes[cid]
+                self.clients[cid] = ClientInfo(cid, reply.metadata.src_node_id, num_train, num_test)
+                self.state_on_disk[cid] = bool(m.get("state-on-disk", 0))

@@ -1,0 +1,1 @@
+"""A run's life: config and schema, the door, launch, sweep, run folder and outputs."""

@@ -1,0 +1,1 @@
+"""The simulated threat model: Byzantine clients, client-side and server-side attacks."""
