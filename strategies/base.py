@@ -30,6 +30,8 @@ from task.algorithms import robust
 from task.core.messages import RoundStats, Spec, TrainReply, array_spec
 from task.core.params import StateDict, model_state, weighted_mean
 
+STEP = "aggregate-step-"  # checkpoint group of a slot's last aggregate step
+
 
 class Method:
     """A method's server half (FedAvg's behaviour by default)."""
@@ -56,6 +58,8 @@ class Method:
         self.excluded_clients: set[int] = set()
         # The round's counters; the engine gives each round a fresh one.
         self.stats = RoundStats()
+        # slot -> the last step of that slot's aggregate (where centered clipping starts).
+        self.aggregate_steps: dict[str, StateDict] = {}
 
     @classmethod
     def from_model(cls, cfg: DictConfig, model: torch.nn.Module,
@@ -89,19 +93,33 @@ class Method:
         self.global_state.update(merged)
 
     def aggregate(self, states: list[StateDict], weights: list[float],
-                  center: StateDict | None = None) -> StateDict:
+                  center: StateDict | None = None, slot: str = "global") -> StateDict:
         """The configured aggregator (``aggregator=``, task/algorithms/robust.py) over uploads.
 
         Every averaging of uploads goes through here. ``mean`` (the default) is exactly
-        ``weighted_mean``; ``center`` is the previous aggregate (where centered clipping and
-        threshold clustering start). The uploads it discarded or clipped are counted in the
-        round's ``discarded_uploads``.
+        ``weighted_mean``; ``center`` is the previous aggregate. The uploads it discarded or
+        clipped are counted in the round's ``discarded_uploads``.
+
+        Centered clipping and threshold clustering start from the previous aggregate *update*
+        (Karimireddy, He, Jaggi 2021: v_0 = the last round's aggregate, their momentum): for a
+        method that uploads models, ``center`` is the model the clients started from (w_g), so
+        they start at ``center`` plus the step the aggregate took the last time it was made
+        for ``slot`` (a cluster's model has its own slot); starting at w_g itself, i.e. at a zero
+        update, would shrink every honest update longer than tau towards zero.
         """
         config = self.cfg.get("aggregator")
         name = "mean" if config is None else str(config.name)
         if name == "mean":
             return weighted_mean(states, weights)
-        merged, discarded = robust.aggregate_states(name, states, weights, dict(config), center)
+        start = center
+        stepped = name in robust.FROM_PREVIOUS and center is not None and not self.upload_is_update
+        if stepped and slot in self.aggregate_steps:
+            step = self.aggregate_steps[slot]
+            start = {**center, **{k: center[k] + d.to(center[k]) for k, d in step.items()}}
+        merged, discarded = robust.aggregate_states(name, states, weights, dict(config), start)
+        if stepped:
+            self.aggregate_steps[slot] = {k: merged[k] - center[k] for k, v in center.items()
+                                          if v.is_floating_point()}
         self.stats.discarded += discarded
         return merged
 
@@ -130,7 +148,8 @@ class Method:
     # --- checkpoints and figures ------------------------------------------------------------
     def state_arrays(self) -> dict[str, StateDict]:
         """The method's array state for its checkpoint (models, corrections, centres)."""
-        return {"global": self.global_state}
+        steps = {f"{STEP}{slot}": step for slot, step in self.aggregate_steps.items()}
+        return {"global": self.global_state, **steps}
 
     def state_scalars(self) -> dict[str, Any]:
         """The method's JSON-able state for its checkpoint (running means, counters)."""
@@ -139,6 +158,7 @@ class Method:
     def load_state(self, arrays: dict[str, StateDict], scalars: dict[str, Any]) -> None:
         """Restore what ``state_arrays`` and ``state_scalars`` returned."""
         self.global_state = arrays["global"]
+        self.aggregate_steps = {g[len(STEP):]: s for g, s in arrays.items() if g.startswith(STEP)}
 
     def plot(self, rows: list[dict], directory: Path) -> list[Path]:
         """Method-specific PNGs from the run's metrics rows (none by default)."""

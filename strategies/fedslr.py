@@ -119,6 +119,10 @@ class FedSLR(Method):
         """The client uploads its dense w_i, whatever form w_s travelled in."""
         return array_spec(self.global_state)
 
+    def upload_reference(self, reply, sent):
+        """w_i is relative to the dense w_s (``sent`` may hold its factors instead)."""
+        return self.global_state
+
     # --- 3. the server's proximal step --------------------------------------------------
     def aggregate_replies(self, server_round, replies):
         uploads = [r.arrays for r in replies]
@@ -244,6 +248,11 @@ class FedSLRClient(ClientMethod):
     def global_weights(self, received: StateDict) -> StateDict:
         """w_s, rebuilt from the factors where it travelled factorised."""
         return decode_transport(received, {k: v.shape for k, v in self.initial_state().items()})
+
+    def upload_reference(self, received, upload, config):
+        """w_i is relative to the dense w_s, rebuilt where it travelled factorised."""
+        w_s = self.global_weights(received)
+        return {k: w_s[k] for k in upload}
 
     def personal_part(self) -> StateDict:
         p = self.state.load("p")

@@ -10,7 +10,14 @@ K = ``strategy.num_clusters`` cluster models x_1..x_K on the server. Round t:
     client i:  j_i = argmin_j  CE(x_j; D_i^train)        (loss on its training split)
                x_i <- SGD_E(x_{j_i}; CE on D_i)           uploads x_i and j_i (metric ``cluster``)
     server:    x_j <- Agg({x_i : j_i = j})  for every j chosen by someone
-               (Agg = the configured ``aggregator=``, by default the p-weighted mean)
+               (Agg = the configured ``aggregator=``, by default the mean: unweighted,
+               (1/|S_j|) sum x_i, as the paper's model averaging)
+
+Options where the authors' code differs from the paper (conf/strategy/ifca.yaml):
+``strategy.weighting``: ``uniform`` (the paper's mean) or ``samples`` (p_i = n_i / sum n, as
+pflower's other methods); ``strategy.select_on``: ``train`` (the loss on the whole training
+split, the paper's) or ``batch`` (on one batch of ``batch_size`` drawn from it with the
+round's generator, as liehe/PRFL's IFCA picks on a single batch).
 Initialisation: K independently initialised models (the authors' ``init='non-identical'``;
 ``strategy.init=identical`` starts all K from the run's initial model, which never separates).
 Personal model: the cluster model the client chose when it last trained (the server sends
@@ -25,16 +32,19 @@ import torch
 from task.algorithms.cluster_metrics import cluster_ari
 from task.core.messages import array_spec
 from task.core.params import StateDict, message_state, model_state
-from task.core.training import evaluate
+from task.core.training import batches, evaluate
 from task.run.schema import COUNT, Field, register_strategy_schema
 
 from .base import Method
 from .client_base import ClientMethod, TrainResult
 
 register_strategy_schema("ifca", {"num_clusters": COUNT,
-                                  "init": Field(str, choices=("non_identical", "identical"))})
+                                  "init": Field(str, choices=("non_identical", "identical")),
+                                  "weighting": Field(str, choices=("uniform", "samples")),
+                                  "select_on": Field(str, choices=("train", "batch"))})
 CLUSTER = "cluster"
 REINIT_STREAM = 7919  # seeds of the extra initial models: seed * REINIT_STREAM + j
+SELECT_STREAM = 5  # generator stream of the batch a client picks its cluster on
 
 
 def bundle(models: list[StateDict]) -> StateDict:
@@ -110,9 +120,11 @@ class IFCA(Method):
                 continue
             groups.setdefault(j, []).append(r)
             self.assignment[r.cid] = j
+        uniform = self.cfg.strategy.get("weighting", "uniform") == "uniform"
         for j, members in sorted(groups.items()):
-            merged = self.aggregate([r.arrays for r in members], [r.num_examples for r in members],
-                                    center=self.models[j])
+            weights = [1.0 if uniform else r.num_examples for r in members]
+            merged = self.aggregate([r.arrays for r in members], weights,
+                                    center=self.models[j], slot=f"cluster{j}")
             self.models[j] = {**self.models[j], **merged}
         self._bundle = None
         if self.client_groups:
@@ -146,14 +158,19 @@ class IFCAClient(ClientMethod):
 
     name = "ifca"
 
-    def choose(self, models: list[StateDict]) -> tuple[int, list[float]]:
-        """j = argmin_j CE(x_j; training split), and every model's loss."""
-        losses = [evaluate(self.model("main", m), self.data.x_train, self.data.y_train)[0] for m in models]
+    def choose(self, models: list[StateDict], server_round: int = 0) -> tuple[int, list[float]]:
+        """j = argmin_j CE(x_j; training split, or one batch of it), and every model's loss."""
+        x, y = self.data.x_train, self.data.y_train
+        if self.cfg.strategy.get("select_on", "train") == "batch":
+            idx = batches(len(y), int(self.cfg.batch_size), self.generator(server_round, SELECT_STREAM),
+                          x.device)[0]
+            x, y = x[idx], y[idx]
+        losses = [evaluate(self.model("main", m), x, y)[0] for m in models]
         return min(range(len(models)), key=lambda j: losses[j]), losses
 
     def train(self, received, config):
         models = unbundle(received)
-        j, losses = self.choose(models)
+        j, losses = self.choose(models, int(config["server-round"]))
         self.chosen = models[j]
         model = self.model("main", models[j])
         loss = self.fit(model, int(config["server-round"]))
@@ -166,5 +183,5 @@ class IFCAClient(ClientMethod):
     def evaluate(self, received, config):
         if is_bundle(received):
             models = unbundle(received)
-            received = models[self.choose(models)[0]]
+            received = models[self.choose(models, int(config["server-round"]))[0]]
         return self.report(self.model("main", received))

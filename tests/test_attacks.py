@@ -42,6 +42,15 @@ def test_alie_is_mean_minus_z_sigma_with_baruchs_z():
     assert torch.allclose(out, expected)
 
 
+def test_alie_prfl_rule_is_over_the_honest_clients_with_the_unbiased_std():
+    # n = 50, b = 10: s = 16, z = Phi^-1((50 - 10 - 16) / 40) = Phi^-1(0.6) ~ 0.2533
+    assert attacks.alie_z(50, 10, "prfl") == pytest.approx(0.2533, abs=1e-3)
+    H = torch.randn(40, 7, generator=torch.Generator().manual_seed(0))
+    out = attacks.alie(H, 10, rule="prfl")
+    assert torch.allclose(out, H.mean(0) - attacks.alie_z(50, 10, "prfl") * H.std(0, unbiased=True))
+    assert not torch.allclose(out, attacks.alie(H, 10))
+
+
 def test_ipm_has_a_negative_inner_product_with_the_honest_mean():
     H = 1.0 + torch.randn(10, 5, generator=torch.Generator().manual_seed(0))
     out = attacks.ipm(H, 0.5)

@@ -88,6 +88,58 @@ def test_ditto_personal_model_is_kept_and_pulled_towards_the_global_one():
     assert _distance(personal[5.0], start) < _distance(personal[0.001], start)
 
 
+def test_proximal_step_after_momentum_matches_its_formula():
+    """Two SGD steps with momentum on a linear model: v <- v - lr (m + lam (v - w)), the pull
+    outside the buffer (PRFL's Ditto); in the loss it passes through the buffer and differs."""
+    import torch.nn.functional as F
+
+    from task.core.training import batches, proximal_penalty, train_epochs
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    anchor = {"weight": torch.randn(2, 3), "bias": torch.randn(2)}
+    lr, beta, lam = 0.1, 0.9, 1.0
+
+    def trained(**pull) -> dict:
+        model = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            model.weight.fill_(0.5)
+            model.bias.fill_(-0.2)
+        train_epochs(model, x, y, epochs=1, batch_size=2, lr=lr, momentum=beta,
+                     gen=torch.Generator().manual_seed(7), **pull)
+        return {k: v.detach() for k, v in model.state_dict().items()}
+
+    v = {"weight": torch.full((2, 3), 0.5), "bias": torch.full((2,), -0.2)}
+    m = {k: torch.zeros_like(t) for k, t in v.items()}
+    for idx in batches(4, 2, torch.Generator().manual_seed(7), x.device):
+        w = {k: t.clone().requires_grad_(True) for k, t in v.items()}
+        loss = F.cross_entropy(x[idx] @ w["weight"].T + w["bias"], y[idx])
+        grads = dict(zip(w, torch.autograd.grad(loss, list(w.values())), strict=True))
+        m = {k: beta * m[k] + grads[k] for k in v}
+        v = {k: v[k] - lr * (m[k] + lam * (v[k] - anchor[k])) for k in v}
+    after = trained(proximal_step=(anchor, lam))
+    assert all(torch.allclose(after[k], v[k], atol=1e-6) for k in v)
+    in_loss = trained(penalty=proximal_penalty(anchor, lam))
+    assert not torch.allclose(in_loss["weight"], v["weight"], atol=1e-4)
+
+
+def test_ditto_proximal_modes_agree_without_momentum_and_v_starts_at_the_initial_model():
+    start = server(tiny_cfg("strategy=ditto")).global_state
+    received = {k: v + 0.05 if v.is_floating_point() else v for k, v in start.items()}
+    personal = {}
+    for mode in ("after_momentum", "in_loss"):
+        cfg, context = tiny_cfg(f"strategy=ditto strategy.proximal={mode} momentum=0.0"), make_context(0)
+        client(cfg, 0, context).train(received, {"server-round": 1})
+        personal[mode] = client(cfg, 0, context, after=True).state.load("personal")
+    assert all(torch.allclose(personal["after_momentum"][k], personal["in_loss"][k], atol=1e-5)
+               for k in personal["in_loss"] if personal["in_loss"][k].is_floating_point())
+    # Before its first personal step v is the initial model (authors'), or the received w_g.
+    for init, expected in (("initial", start), ("received", received)):
+        cfg = tiny_cfg(f"strategy=ditto strategy.personal_init={init}")
+        c = client(cfg, 0)
+        assert all(torch.equal(c.personal_start(received)[k], expected[k]) for k in expected)
+
+
 def test_fedavg_ft_fine_tunes_before_scoring_without_touching_state():
     cfg = tiny_cfg("strategy=fedavg_ft strategy.ft_epochs=3")
     c = client(cfg, 0)

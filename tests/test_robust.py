@@ -9,6 +9,7 @@ import torch
 from task.algorithms import robust
 from task.core.messages import TrainReply
 from task.core.params import weighted_mean
+from task.engine.rounds import Engine
 
 from .helpers import server, tiny_cfg
 
@@ -154,3 +155,32 @@ def test_tc_over_collapsed_rows_is_not_captured_by_a_block_of_copies():
     collapsed = robust.threshold_clustering(rows, start, 0.5, 10).value
     to_honest = lambda v: float((v - honest.mean(0)).norm())  # noqa: E731
     assert to_honest(collapsed) < 0.5 * to_honest(raw)
+
+
+def test_centered_clipping_starts_from_the_previous_aggregate_update(tmp_path):
+    """Every client moves w_g by the same u, ||u|| = 1.5 tau. Round 1 starts at w_g (no earlier
+    aggregate): the step is clipped to tau. Round 2 starts at w_g + that step (Karimireddy et
+    al.'s momentum), so u - step (0.5 tau) is inside the radius: the step is u itself. Centred
+    at w_g, i.e. at a zero update, every round would shrink u to tau."""
+    st = server(tiny_cfg("strategy=fedavg aggregator=centered_clipping aggregator.tau=1.0"))
+    keys = [k for k, v in st.global_state.items() if v.is_floating_point()]
+    direction = {k: torch.ones_like(st.global_state[k]) for k in keys}
+    norm = float(torch.cat([d.reshape(-1) for d in direction.values()]).norm())
+    u = {k: 1.5 * d / norm for k, d in direction.items()}
+
+    def round_step(server_round: int) -> dict:
+        before = {k: v.clone() for k, v in st.global_state.items()}
+        uploads = [{**before, **{k: before[k] + u[k] for k in keys}} for _ in range(3)]
+        st.aggregate_replies(server_round, [TrainReply(i, s, 10, {}) for i, s in enumerate(uploads)])
+        return {k: st.global_state[k] - before[k] for k in keys}
+
+    first = round_step(1)
+    assert all(torch.allclose(first[k], u[k] / 1.5, atol=1e-6) for k in keys)  # clipped to tau
+    assert st.stats.discarded == 3
+    again = server(tiny_cfg("strategy=fedavg aggregator=centered_clipping aggregator.tau=1.0"))
+    Engine(st).save_checkpoint(tmp_path / "c.npz", 1)
+    Engine(again).load_checkpoint(tmp_path / "c.npz")
+    second = round_step(2)
+    assert all(torch.allclose(second[k], u[k], atol=1e-5) for k in keys)  # from the last step
+    assert again.aggregate_steps["global"].keys() == set(keys)
+    assert all(torch.allclose(again.aggregate_steps["global"][k], first[k]) for k in keys)

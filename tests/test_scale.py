@@ -165,3 +165,17 @@ def test_node_ids_are_asked_again_only_after_a_round_that_missed_replies():
     asked.clear()
     run.run_round(grid, 5, 10, evaluate=False)
     assert len(asked) == 1  # after the round with late replies, the next one looks for new node ids
+
+
+def test_training_and_evaluation_bytes_are_counted_apart():
+    """bytes_down is what training sent (FedCLUP's trade-off is built on it); the evaluate
+    messages' arrays are eval_bytes_down, so eval_every changes only that."""
+    st = server(tiny_cfg("strategy=fedavg"))
+    run = Engine(st)
+    grid = FakeGrid(4, f"{TINY} strategy=fedavg")
+    run.discover(grid, 10)
+    model = to_record(st.global_state).count_bytes()
+    row = run.run_round(grid, 1, timeout=30, evaluate=True)
+    assert row["bytes_down"] == row["bytes_up"] == 4 * model and row["eval_bytes_down"] == 4 * model
+    quiet = run.run_round(grid, 2, timeout=30, evaluate=False)
+    assert quiet["bytes_down"] == 4 * model and quiet["eval_bytes_down"] == 0

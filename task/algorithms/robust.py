@@ -48,6 +48,8 @@ from flwr.server.strategy.aggregate import (
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "centered_clipping",
                "threshold_clustering")
+# Aggregators that start from the previous aggregate (the others do not depend on it).
+FROM_PREVIOUS = ("centered_clipping", "threshold_clustering")
 TC_SHRINK = 0.99  # tau = 0.99 x the quantile distance, as the authors' code
 
 

@@ -5,7 +5,9 @@ FedCLUP lam), from each run's ``metrics.jsonl``:
 
 - the final mean personalized accuracy (the last evaluated round), mean ± std over seeds;
 - the first evaluated round whose mean personalized accuracy reaches ``target``, and the bytes
-  moved up to and including that round (cumulative ``bytes_up + bytes_down``), averaged over
+  training moved up to and including that round (cumulative ``bytes_up + bytes_down``;
+  evaluation's downlink, ``eval_bytes_down``, is left out so that the figure does not depend on
+  ``eval_every``), averaged over
   the seeds that reached it ("not reached" where none did; "k/n seeds" where only some did);
 - the total bytes of the run.
 

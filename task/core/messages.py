@@ -44,8 +44,11 @@ class TrainReply:
 class RoundStats:
     """Per-round communication and failure counters."""
 
+    # Arrays of training replies (up) and of train and personalize messages (down): what
+    # training costs; evaluation's own downlink is apart, so trade-offs do not depend on eval_every.
     bytes_up: int = 0
     bytes_down: int = 0
+    eval_bytes_down: int = 0
     rejected_replies: int = 0
     late_replies: int = 0
     # Clients sent a message this round whose reply never came (late, or a node the SuperLink

@@ -33,12 +33,17 @@ class DigitModel(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flatten, one hidden ReLU layer, linear classifier (784-200-10 on MNIST)."""
+    """Flatten, hidden ReLU layers, linear classifier (784-200-10 on MNIST; ``hidden=[200, 200]``
+    for 784-200-200-10)."""
 
-    def __init__(self, in_features: int, hidden: int, num_classes: int):
+    def __init__(self, in_features: int, hidden: int | list[int], num_classes: int):
         super().__init__()
-        self.features = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
-        self.classifier = nn.Linear(hidden, num_classes)
+        sizes = [hidden] if isinstance(hidden, int) else list(hidden)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for size_in, size_out in zip([in_features, *sizes[:-1]], sizes, strict=True):
+            layers += [nn.Linear(size_in, size_out), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(sizes[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -165,7 +170,9 @@ def build_model(model: DictConfig, input_shape: tuple[int, int, int], num_classe
     if model.name == "digit_cnn":
         return DigitModel(channels, height, num_classes, float(model.width))
     if model.name == "mlp":
-        return MLP(channels * height * width, int(model.hidden), num_classes)
+        hidden = model.hidden
+        sizes = int(hidden) if isinstance(hidden, int) else [int(h) for h in hidden]
+        return MLP(channels * height * width, sizes, num_classes)
     if model.name == "cnn":
         return CNN(channels, height, num_classes)
     if model.name == "lenet5":

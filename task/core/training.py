@@ -41,8 +41,14 @@ def train_epochs(
     momentum: float = 0.0,
     after_step: Callable[[], None] | None = None,
     drop_last: bool = False,
+    proximal_step: tuple[StateDict, float] | None = None,
 ) -> float:
-    """SGD on cross-entropy (+ penalty) for ``epochs`` epochs; returns the mean batch loss."""
+    """SGD on cross-entropy (+ penalty) for ``epochs`` epochs; returns the mean batch loss.
+
+    ``proximal_step=(anchor, lam)`` adds lam (w - anchor) to each step *after* the momentum
+    buffer, w <- w - lr (m + lam (w - anchor)) with m <- momentum m + grad CE (PRFL's Ditto),
+    where a penalty in the loss would pass through the buffer.
+    """
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     total, steps = 0.0, 0
@@ -55,12 +61,30 @@ def train_epochs(
                 loss = loss + penalty(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            pulls = _proximal_pulls(model, proximal_step)
             opt.step()
+            _apply_pulls(pulls, lr)
             if after_step is not None:
                 after_step()
             total += float(loss.detach())
             steps += 1
     return total / max(steps, 1)
+
+
+def _proximal_pulls(model: nn.Module, proximal_step: tuple[StateDict, float] | None
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """lam (w - anchor) for every trainable parameter, at the weights before the step."""
+    if proximal_step is None:
+        return []
+    anchor, lam = proximal_step
+    return [(p, lam * (p.detach() - anchor[name].to(p))) for name, p in model.named_parameters()
+            if p.requires_grad]
+
+
+@torch.no_grad()
+def _apply_pulls(pulls: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> None:
+    for p, pull in pulls:
+        p.sub_(lr * pull)
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from task.data.digits import build_digits_federation
 from task.data.federation import DeviceClients, Federation
+from task.data.normalize import normalized
 from task.data.partitions import partition_source, split_validation
 from task.data.sources import load_source
 
@@ -34,7 +35,8 @@ def build_federation(cfg: DictConfig) -> Federation:
             dataset = OmegaConf.merge(dataset, {"clients_per_domain": int(per)})
         fed = build_digits_federation(dataset, seed)
     else:
-        fed = partition_source(load_source(cfg.dataset, val_fraction), cfg.partition, seed)
+        source = normalized(load_source(cfg.dataset, val_fraction), str(cfg.dataset.get("normalize", "symmetric")))
+        fed = partition_source(source, cfg.partition, seed)
     return split_validation(fed, val_fraction, seed)
 
 

@@ -49,6 +49,15 @@ if TYPE_CHECKING:
 Records = dict[int, tuple[StateDict, ArrayRecord]]
 
 
+def sample_size(cfg, num_clients: int) -> int:
+    """The fixed number of clients a round trains: ``clients_per_round``, else
+    round(fraction_train x clients), at least 1."""
+    count = cfg.get("clients_per_round")
+    if count is not None:
+        return min(num_clients, int(count))
+    return max(1, min(num_clients, round(float(cfg.fraction_train) * num_clients)))
+
+
 class Engine(Strategy):
     """Runs ``method``'s rounds over a Flower ``Grid``."""
 
@@ -179,6 +188,7 @@ class Engine(Strategy):
         stats = self.stats
         row: dict[str, Any] = {
             "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
+            "eval_bytes_down": stats.eval_bytes_down,
             "rejected_replies": stats.rejected_replies,
             "discarded_uploads": stats.discarded,
             "late_replies": stats.late_replies,
@@ -214,7 +224,7 @@ class Engine(Strategy):
             message = self._message(cid, sent, values, f"{MessageType.TRAIN}.personalize", records)
             if cid in scores:
                 arrays = self._record(eval_records, self.method.eval_arrays(cid))
-                self.stats.bytes_down += arrays.count_bytes()
+                self.stats.eval_bytes_down += arrays.count_bytes()
                 message.content.array_records[EVAL_ARRAYS] = arrays
             messages.append(message)
         replies, late = self._exchange(grid, messages, timeout)
@@ -233,8 +243,13 @@ class Engine(Strategy):
 
     # --- Flower Strategy API ------------------------------------------------------------
     def sample(self, server_round: int) -> list[int]:
-        """Client ids sampled for training this round (seeded, method-independent)."""
-        size = max(1, min(self.num_clients, round(float(self.cfg.fraction_train) * self.num_clients)))
+        """Client ids sampled for training this round (seeded, method-independent): a fixed
+        count without replacement, or each client independently with probability
+        ``fraction_train`` (``participation=bernoulli``)."""
+        if self.cfg.get("participation", "fixed") == "bernoulli":
+            drawn = self.rng.random(self.num_clients) < float(self.cfg.fraction_train)
+            return [int(c) for c in np.flatnonzero(drawn)]
+        size = sample_size(self.cfg, self.num_clients)
         return sorted(int(c) for c in self.rng.choice(self.num_clients, size=size, replace=False))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
@@ -350,8 +365,12 @@ class Engine(Strategy):
     def _message(self, cid: int, sent: StateDict, values: dict[str, Any], kind: str,
                  records: Records) -> Message:
         """A message for client ``cid`` with ``sent`` (serialised once per phase through
-        ``records``) and ``values`` plus its ``client-id``; its arrays count in ``bytes_down``."""
+        ``records``) and ``values`` plus its ``client-id``; its arrays count in ``bytes_down``
+        (``eval_bytes_down`` for an evaluate message)."""
         arrays = self._record(records, sent)
-        self.stats.bytes_down += arrays.count_bytes()
+        if kind == MessageType.EVALUATE:
+            self.stats.eval_bytes_down += arrays.count_bytes()
+        else:
+            self.stats.bytes_down += arrays.count_bytes()
         content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**values, "client-id": cid})})
         return Message(content, dst_node_id=self.clients[cid].node_id, message_type=kind)

@@ -22,6 +22,7 @@ from task.run.schema import (
     VAL_FRACTION,
     Field,
     Schema,
+    Sizes,
 )
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -35,13 +36,16 @@ class ConfigError(ValueError):
     """A run config that cannot be used: the message names the key and what is valid."""
 
 
-SOURCE_FIELDS: Schema = {"name": Field(str), "data_root": Field(str), "download": Field(bool)}
+SOURCE_FIELDS: Schema = {"name": Field(str), "data_root": Field(str), "download": Field(bool),
+                         "normalize": Field(str, choices=("symmetric", "unit", "standard"))}
 
 TOP_SCHEMA: Schema = {
     "num_rounds": COUNT,
     "seed": Field(int, 0),
     "output_dir": Field(str),
     "fraction_train": FRACTION,
+    "participation": Field(str, choices=("fixed", "bernoulli")),
+    "clients_per_round": Field(int, 1, nullable=True),
     "local_epochs": COUNT,
     "batch_size": COUNT,
     "lr": POSITIVE,
@@ -120,12 +124,12 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
         "labelflip": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True)},
         "bitflip": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True)},
         "alie": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True),
-                 "z": Field(float, nullable=True)},
+                 "z": Field(float, nullable=True), "z_rule": Field(str, choices=("baruch", "prfl"))},
         "ipm": {"name": Field(str), "fraction": Field(float, 0.0, 1.0, high_open=True), "eps": POSITIVE},
     },
     "model": {
         "digit_cnn": {"name": Field(str), "width": Field(float, 0.0, 4.0, low_open=True)},
-        "mlp": {"name": Field(str), "hidden": COUNT},
+        "mlp": {"name": Field(str), "hidden": Sizes()},
         "cnn": {"name": Field(str)},
         "lenet5": {"name": Field(str)},
         "resnet18_gn": {"name": Field(str), "groups": COUNT, "width": Field(float, 0.0, 4.0, low_open=True)},

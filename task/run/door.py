@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from task.core.models import build_model
 from task.data.federation import Federation
 from task.engine.checkpoint import CHECKPOINT, CHECKPOINT_META
+from task.run.combinations import check_combination
 from task.run.config import ConfigError
 from task.run.outputs import default_output_dir
 from task.run.runfolder import check_free
@@ -105,6 +106,7 @@ def check_resumable(cfg: DictConfig, directory: Path, keeps_client_state: bool) 
 def check_run(cfg: DictConfig, federation: Federation, keeps_client_state: bool) -> Path:
     """Every check but the data's own (done while loading it); returns the run's folder."""
     check_model_fits(cfg, federation)
+    check_combination(cfg, federation)
     directory = run_directory(cfg)
     check_free(directory, resume=bool(cfg.resume))  # first: a live run has no checkpoint yet
     if cfg.resume:

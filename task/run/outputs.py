@@ -141,6 +141,7 @@ class RunOutputs:
             "best_group_accuracy": (best or {}).get("group_accuracy"),
             "bytes_up": sum(r.get("bytes_up", 0) for r in rows),
             "bytes_down": sum(r.get("bytes_down", 0) for r in rows),
+            "eval_bytes_down": sum(r.get("eval_bytes_down", 0) for r in rows),
             "rejected_replies": sum(r.get("rejected_replies", 0) for r in rows),
             "wall_seconds": wall_seconds,
         }

@@ -53,6 +53,20 @@ class Field:
         )
 
 
+class Sizes(Field):
+    """A positive integer or a non-empty list of them (layer widths)."""
+
+    def __init__(self) -> None:
+        super().__init__(int, 1)
+
+    def describe(self) -> str:
+        return "an int >= 1 or a non-empty list of them"
+
+    def accepts(self, value: Any) -> bool:
+        values = value if isinstance(value, list) else [value]
+        return bool(values) and all(Field.accepts(self, v) for v in values)
+
+
 Schema = dict[str, Field]
 
 POSITIVE = Field(float, 0.0, low_open=True)

@@ -53,20 +53,29 @@ def bitflip(honest_update: torch.Tensor) -> torch.Tensor:
     return -honest_update
 
 
-def alie_z(num_clients: int, num_byzantine: int) -> float:
-    """Baruch et al.'s z_max: s = floor(n/2 + 1) - b, z = Phi^-1((n - s) / n)."""
-    s = math.floor(num_clients / 2 + 1) - num_byzantine
-    p = (num_clients - s) / num_clients
+def alie_z(num_clients: int, num_byzantine: int, rule: str = "baruch") -> float:
+    """z_max with s = floor(n/2 + 1) - b supporters needed for a majority.
+
+    ``baruch`` (Baruch et al. 2019, the paper): z = Phi^-1((n - s) / n);
+    ``prfl`` (the Byzantine-robust code of Karimireddy, He, Jaggi, which PRFL builds on):
+    z = Phi^-1((n - b - s) / (n - b)), over the honest clients only.
+    """
+    n, b = num_clients, num_byzantine
+    s = math.floor(n / 2 + 1) - b
+    p = (n - s) / n if rule == "baruch" else (n - b - s) / max(n - b, 1)
     return NormalDist().inv_cdf(min(max(p, 1e-6), 1 - 1e-6))
 
 
-def alie(honest_updates: torch.Tensor, num_byzantine: int, z: float | None = None) -> torch.Tensor:
-    """mu - z sigma over the honest updates (rows); z = ``alie_z(n, b)`` if None, with n the
-    number of all clients in the round (honest and Byzantine)."""
+def alie(honest_updates: torch.Tensor, num_byzantine: int, z: float | None = None,
+         rule: str = "baruch") -> torch.Tensor:
+    """mu - z sigma over the honest updates (rows); z = ``alie_z(n, b, rule)`` if None, with n
+    the number of all clients in the round (honest and Byzantine). sigma is the population
+    standard deviation under ``baruch`` (the paper's), the unbiased one under ``prfl`` (its
+    code's ``torch.std``)."""
     n = len(honest_updates) + num_byzantine
-    z = alie_z(n, num_byzantine) if z is None else z
+    z = alie_z(n, num_byzantine, rule) if z is None else z
     mu = honest_updates.mean(0)
-    sigma = honest_updates.std(0, unbiased=False)
+    sigma = honest_updates.std(0, unbiased=rule == "prfl" and len(honest_updates) > 1)
     return mu - z * sigma
 
 

@@ -95,7 +95,8 @@ class ThreatModel:
             return attacks.bitflip(H[int(rng.integers(len(H)))])
         if self.attack == "alie":
             z = self.cfg.attack.get("z")
-            return attacks.alie(H, num_bad, None if z is None else float(z))
+            rule = str(self.cfg.attack.get("z_rule", "baruch"))
+            return attacks.alie(H, num_bad, None if z is None else float(z), rule)
         return attacks.ipm(H, float(self.cfg.attack.eps))
 
 
