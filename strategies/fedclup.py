@@ -21,6 +21,14 @@ models and the w_g they were last aggregated into, and n = samples per client,
 
 Each round's lam, eta_g and R^ are written to metrics.jsonl (``fedclup_lam``, ...).
 
+Where the authors' simulation code differs from the paper's description, an option:
+``strategy.adapt_distance``: ``joined`` (default) averages, over the clients that replied so
+far, ||w_i - w_g|| against the w_g their w_i was aggregated into; ``current`` (the authors'
+code) averages over every client, its latest w_i (the initial model if it never trained)
+against the current w_g (the server then keeps each client's latest upload).
+``strategy.eta_rule`` (with ``eta_g: null``): ``inverse``, eta_g = 1/lam (default); ``authors``,
+eta_g = 1/lam + 1/9.13, the authors' simulation's lr_global.
+
 As the authors' code: w_i starts as the run's initial model (a client never sampled is scored
 with it), the proximal term covers the trainable parameters and is centred at the w_g received
 this round, and the optimizer is plain SGD at a constant rate: it carries no state, so one
@@ -54,6 +62,8 @@ register_strategy_schema("fedclup", {
     "adapt_at": Field(float, 0.0, 1.0, high_open=True),
     "adapt_n": Field(int, 1, nullable=True),
     "adapt_rho": Field(float, 0.0, low_open=True),
+    "adapt_distance": Field(str, choices=("joined", "current")),
+    "eta_rule": Field(str, choices=("inverse", "authors")),
 })
 
 
@@ -69,6 +79,10 @@ def adaptive_lam(r_hat: float, n: float, rho: float = 5.0) -> float:
     if r_hat >= 1.0 / math.sqrt(n):
         return rho / (n * r_hat ** 2)
     return rho / math.sqrt(n * r_hat ** 2)
+
+
+LATEST = "latest-"  # checkpoint group of a client's latest w_i (adapt_distance=current)
+AUTHORS_ETA_SHIFT = 1 / 9.13  # the authors' simulation: lr_global = 1/mu + 1/9.13
 
 
 def distance(a: StateDict, b: StateDict) -> float:
@@ -90,11 +104,16 @@ class FedCLUP(Method):
         self.adapted = False
         # ||w_i - w_g|| of each client's latest model and the w_g it was aggregated into.
         self.distances: dict[int, float] = {}
+        # adapt_distance=current: each client's latest w_i, and the initial model for the rest.
+        self.latest: dict[int, StateDict] = {}
+        self.initial_state = {k: v.clone() for k, v in initial_state.items()}
 
     @property
     def eta_g(self) -> float:
         eta = self.cfg.strategy.eta_g
-        return 1.0 / self.lam if eta is None else float(eta)
+        if eta is not None:
+            return float(eta)
+        return 1.0 / self.lam + (AUTHORS_ETA_SHIFT if self.cfg.strategy.get("eta_rule") == "authors" else 0.0)
 
     def adapt_round(self) -> int:
         """The round (1-based) at which the adaptive lam is set."""
@@ -115,6 +134,11 @@ class FedCLUP(Method):
             server_round, self.lam, r_hat, n)
 
     def r_hat(self) -> float | None:
+        """R^: the mean distance of the clients' w_i to w_g (see ``adapt_distance``)."""
+        if self.cfg.strategy.get("adapt_distance", "joined") == "current":
+            initial = self.initial_state
+            return float(np.mean([distance(self.latest.get(c, initial), self.global_state)
+                                  for c in range(self.num_clients)]))
         return float(np.mean(list(self.distances.values()))) if self.distances else None
 
     def train_config(self, cid, server_round):
@@ -125,11 +149,17 @@ class FedCLUP(Method):
         merged = self.aggregate([r.arrays for r in replies], [r.num_examples for r in replies],
                                 center=self.global_state)
         self.global_state = server_step(self.global_state, merged, self.lam, self.eta_g)
+        keep = self.cfg.strategy.get("adapt_distance", "joined") == "current"
         for r in replies:
             self.distances[r.cid] = distance(r.arrays, self.global_state)
+            if keep:
+                self.latest[r.cid] = {k: v.clone() for k, v in r.arrays.items()}
 
     def round_metrics(self, server_round) -> dict[str, Any]:
         return {"fedclup_lam": self.lam, "fedclup_eta_g": self.eta_g, "fedclup_R": self.r_hat()}
+
+    def state_arrays(self):
+        return {**super().state_arrays(), **{f"{LATEST}{c}": w for c, w in self.latest.items()}}
 
     def state_scalars(self):
         return {**super().state_scalars(), "lam": self.lam, "adapted": self.adapted,
@@ -140,6 +170,7 @@ class FedCLUP(Method):
         self.lam = float(scalars.get("lam", self.lam))
         self.adapted = bool(scalars.get("adapted", False))
         self.distances = {int(c): float(d) for c, d in scalars.get("distances", {}).items()}
+        self.latest = {int(g[len(LATEST):]): w for g, w in arrays.items() if g.startswith(LATEST)}
 
 
 class FedCLUPClient(ClientMethod):

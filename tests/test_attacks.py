@@ -137,3 +137,18 @@ def test_update_uploading_strategy_gets_the_attack_as_an_update():
                                                     "attack": "signflip", "upload-kind": "update"})
     assert all(torch.allclose(bad.upload[k], -honest.upload[k], atol=1e-5) for k in honest.upload)
     assert subtract(model_state(method.model("main", received)), received)  # sanity: keys align
+
+
+def test_bitflip_can_negate_the_first_honest_client_as_prfl():
+    cfg = tiny_cfg("strategy=fedavg attack=bitflip attack.fraction=0.25 attack.honest=first")
+    st = engine(cfg)
+    bad = st.byzantine[0]
+    sent = st.method.global_state
+    replies = [TrainReply(cid, client(cfg, cid).train(sent, {"server-round": 1}).upload, 10, {})
+               for cid in range(4)]
+    first = min(c for c in range(4) if c != bad)
+    key = next(k for k, v in sent.items() if v.is_floating_point())
+    want = -(replies[first].arrays[key] - sent[key])
+    out = st.threat.server_attack(1, replies, st.method.excluded_clients,
+                                  lambda r: st.method.upload_reference(r, sent))
+    assert torch.allclose(out[bad].arrays[key] - sent[key], want, atol=1e-6)

@@ -233,3 +233,20 @@ def test_sweep_target_option_writes_the_report(tmp_path):
     assert "| strategy.lam=0.2 | 2 | 0.9000 ± 0.0000 | 1.0 ± 0.0 |" in table
     assert "| strategy.lam=2.5 | 2 |" in table and "not reached" in table
     assert (tmp_path / "summary.md").exists()
+
+
+def test_adaptive_lam_options_follow_the_authors_code_when_asked():
+    """adapt_distance=current: R^ over every client's latest w_i (the initial model if it never
+    trained) against the current w_g; eta_rule=authors: eta_g = 1/lam + 1/9.13."""
+    extra = f"{BASE} strategy.adaptive=true strategy.adapt_distance=current strategy.eta_rule=authors"
+    st = server(tiny_cfg(extra))
+    init = {k: v.clone() for k, v in st.global_state.items()}
+    assert st.eta_g == pytest.approx(1 / 0.5 + 1 / 9.13)
+    got = fake_replies(init, [30, 10])
+    st.aggregate_replies(1, got)
+    expected = np.mean([distance(got[0].arrays, st.global_state), distance(got[1].arrays, st.global_state),
+                        distance(init, st.global_state), distance(init, st.global_state)])
+    assert st.r_hat() == pytest.approx(expected)
+    again = server(tiny_cfg(extra))
+    again.load_state(st.state_arrays(), json.loads(json.dumps(st.state_scalars())))
+    assert again.r_hat() == pytest.approx(expected)

@@ -49,7 +49,14 @@ def labelflip(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def bitflip(honest_update: torch.Tensor) -> torch.Tensor:
-    """Minus an honest client's update."""
+    """Minus an honest client's update.
+
+    Which honest update (``attack.honest``, task/threat/byzantine.py): ``random`` (default), a
+    seeded random honest client's update of the round, each Byzantine client its own draw;
+    ``first``, the honest client of lowest id, as liehe/PRFL's ``BitFlippingWorker`` negates
+    ``workers[0]``'s gradient. The Byzantine-robust code of Karimireddy et al. negates the
+    Byzantine worker's own honest gradient instead: that is ``attack=signflip attack.scale=1``.
+    """
     return -honest_update
 
 

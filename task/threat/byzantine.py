@@ -92,7 +92,8 @@ class ThreatModel:
     def malicious_update(self, H: torch.Tensor, num_bad: int, rng: np.random.Generator) -> torch.Tensor:
         """The attack's update from the honest updates ``H`` (one row each)."""
         if self.attack == "bitflip":
-            return attacks.bitflip(H[int(rng.integers(len(H)))])
+            first = self.cfg.attack.get("honest", "random") == "first"
+            return attacks.bitflip(H[0 if first else int(rng.integers(len(H)))])
         if self.attack == "alie":
             z = self.cfg.attack.get("z")
             rule = str(self.cfg.attack.get("z_rule", "baruch"))
