@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from task.data.digits import build_digits_federation
 from task.data.federation import DeviceClients, Federation
 from task.data.normalize import normalized
+from task.data.partition_file import file_digest
 from task.data.partitions import partition_source, split_validation
 from task.data.sources import load_source
 
@@ -35,14 +36,17 @@ def build_federation(cfg: DictConfig) -> Federation:
             dataset = OmegaConf.merge(dataset, {"clients_per_domain": int(per)})
         fed = build_digits_federation(dataset, seed)
     else:
-        source = normalized(load_source(cfg.dataset, val_fraction), str(cfg.dataset.get("normalize", "symmetric")))
+        mode = str(cfg.dataset.get("normalize", "symmetric"))
+        source = normalized(load_source(cfg.dataset, val_fraction), mode)
         fed = partition_source(source, cfg.partition, seed)
     return split_validation(fed, val_fraction, seed)
 
 
 def federation_key(cfg: DictConfig) -> str:
-    """What identifies a federation: dataset, partition and seed."""
+    """What identifies a federation: dataset, partition, seed (and a partition file's content)."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "partition")}
+    if cfg.partition.name == "file":
+        parts["partition_file"] = file_digest(cfg.partition.path)
     return json.dumps({**parts, "seed": int(cfg.seed)}, sort_keys=True)
 
 

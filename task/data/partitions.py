@@ -12,6 +12,8 @@
 - ``relabel``: ``num_clusters`` equal groups; group k's labels map y -> (y + k) mod C.
 - ``class_groups``: ``num_clusters`` groups holding disjoint blocks of C/K classes (CIFAR-100's
   100 classes in K clusters); within a group the classes are split IID.
+- ``file``: every client's exact indices from a JSON file (``partition.path``,
+  task/data/partition_file.py): a paper's split, sample for sample.
 
 Every client's test split follows its training distribution: the source's test set is split
 per class among the clients in proportion to how many training samples of that class each
@@ -33,9 +35,10 @@ import torch
 from omegaconf import DictConfig
 
 from task.data.federation import ClientData, Federation
+from task.data.partition_file import read_partition_file
 from task.data.sources import Source
 
-PARTITIONS = ("iid", "dirichlet", "pathological", "domains", "rotation", "relabel", "class_groups")
+PARTITIONS = ("iid", "dirichlet", "pathological", "domains", "rotation", "relabel", "class_groups", "file")
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ClientSpec:
     domain: int
     rotate: int = 0  # quarter turns
     shift: int = 0  # label shift
+    val: np.ndarray | None = None  # validation indices into the training set (partition=file)
 
 
 def label_partition(labels: np.ndarray, pool: np.ndarray, num_clients: int, partition: DictConfig, seed: int,
@@ -183,6 +187,9 @@ def plan(source: Source, partition: DictConfig, seed: int) -> tuple[list[ClientS
     all_tr, all_te = np.arange(len(y_tr)), np.arange(len(y_te))
     rng = np.random.default_rng(seed)
     C = source.num_classes
+    if name == "file":
+        clients, names = read_partition_file(partition.path, len(y_tr), len(y_te))
+        return [ClientSpec(c["train"], c["test"], c["group"], val=c["val"]) for c in clients], names
     if name == "domains":
         if not source.has_domains:
             raise ValueError(f"partition=domains needs a dataset made of domains (digits5, or the built-in "
@@ -245,9 +252,12 @@ def partition_source(source: Source, partition: DictConfig, seed: int) -> Federa
             raise ValueError(f"client {cid} gets no test samples: {source.name}'s test set is too small for "
                              f"{len(specs)} clients (lower partition.num_clients / clients_per_domain)")
         train, test = torch.from_numpy(s.train), torch.from_numpy(s.test)
-        val = train[source.val_train[train]].sort().values if source.val_train is not None else train[:0]
-        if len(val):  # the dataset's own validation samples (in file order)
-            train = train[~source.val_train[train]]
+        if s.val is not None:  # the partition file's own validation indices
+            val = torch.from_numpy(s.val)
+        else:
+            val = train[source.val_train[train]].sort().values if source.val_train is not None else train[:0]
+            if len(val):  # the dataset's own validation samples (in file order)
+                train = train[~source.val_train[train]]
         x_tr, x_te, x_va = source.x_train[train], source.x_test[test], source.x_train[val]
         y_tr, y_te, y_va = source.y_train[train], source.y_test[test], source.y_train[val]
         if s.rotate:

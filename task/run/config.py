@@ -100,6 +100,7 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
                     "val_fraction": VAL_FRACTION},
         "class_groups": {"name": Field(str), "num_clients": COUNT, "num_clusters": COUNT,
                          "val_fraction": VAL_FRACTION},
+        "file": {"name": Field(str), "path": Field(str), "val_fraction": VAL_FRACTION},
     },
     # Robust aggregation of uploads (task/algorithms/robust.py), Byzantine attacks (task/threat/).
     "aggregator": {
