@@ -104,7 +104,8 @@ ROBUST = "strategy=clustered strategy.mode=robust"
 
 
 def _clustered_server(extra: str = "", mode: str = "robust"):
-    cfg = compose_config(f"{RELABEL} strategy=clustered strategy.mode={mode} strategy.num_clusters=2 {extra}".strip())
+    overrides = f"{RELABEL} strategy=clustered strategy.mode={mode} strategy.num_clusters=2 {extra}"
+    cfg = compose_config(overrides.strip())
     st = server(cfg)
     fed = load_federation(cfg, torch.device("cpu"))
     st.client_groups = [c.domain for c in fed.clients]
@@ -266,7 +267,11 @@ def test_prfl_mnist_preset_is_the_papers_table_1_setup():
     assert cfg.partition.name == "relabel" and cfg.partition.num_clients == 300
     assert cfg.partition.num_clusters == 4
     assert cfg.model.name == "mlp" and cfg.model.hidden == 200
-    assert (cfg.lr, cfg.momentum, cfg.batch_size) == (0.1, 0.9, 32)
+    # run.sh's relabel_fc_all: lr 0.1, batch 1000 (a client's whole split), 50 epochs, the
+    # momentum 0.9 after TC (the workers' own SGD is plain), fc-grad-3-quantile0.2
+    assert (cfg.lr, cfg.momentum, cfg.batch_size, cfg.num_rounds) == (0.1, 0.0, 1000, 50)
+    assert cfg.strategy.mode == "paper" and cfg.strategy.tc_momentum == 0.9
+    assert (cfg.strategy.tc_iterations, cfg.strategy.quantile) == (3, 0.2)
     assert cfg.attack.name == "none"
     attacked = compose_config("+experiment=prfl_mnist attack=gaussian")
     assert attacked.attack.name == "gaussian" and attacked.attack.fraction == 0.2
