@@ -20,7 +20,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "ditto": ("ditto", "Ditto", "DittoClient"),
     "lgmix": ("lgmix", "LGMix", "LGMixClient"),
     "clustered": ("clustered", "Clustered", "ClusteredClient"),
-    "clustered_per_client": ("clustered", "ClusteredPerClient", "ClusteredPerClientClient"),
+    "clustered_per_client": ("clustered_per_client", "ClusteredPerClient", "ClusteredPerClientClient"),
     "ifca": ("ifca", "IFCA", "IFCAClient"),
     "pfml": ("pfml", "PFML", "PFMLClient"),
     "fedclup": ("fedclup", "FedCLUP", "FedCLUPClient"),

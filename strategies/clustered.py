@@ -2,106 +2,101 @@
 
 M. Werner, L. He, M. Jordan, M. Jaggi, S. P. Karimireddy. "Provably Personalized and Robust
 Federated Learning". TMLR 2023. https://openreview.net/forum?id=B0uBSSUy0G
-Authors' code: https://github.com/liehe/PRFL (``STC`` in ``*/implementations/thresholding.py``).
+Authors' code: https://github.com/liehe/PRFL (``STC``, ``FCTrain`` in ``*/implementations/thresholding.py``).
 
-Core primitive, threshold clustering (``task.algorithms.robust.threshold_clustering``):
+Threshold clustering (``task.algorithms.robust.threshold_clustering``):
 
     TC(v0, {u_j}, tau, R):  v <- v0;  R times:  d_j = ||u_j - v||,
                             v <- (1/n) sum_j (u_j if d_j <= tau else v)
-    tau = 0.99 * d_(floor(n q))   (the q-quantile of the sorted distances, ``strategy.quantile``)
+    tau = 0.99 * d_(floor(n q))   (``strategy.quantile`` q, ``strategy.tc_iterations`` R)
 
-An update far from v is replaced by v itself, so no single vector pulls v by more than tau/n:
-TC is the robust aggregator, no other is used (``strategy.aggregate=aggregator`` swaps in the
-configured ``aggregator=`` instead, for comparison).
+``strategy.mode=paper`` (the default): the paper's federated clustering. K cluster models x_k,
+centres v_k and cluster momenta m_k on the server; client i is assigned to a_i. Round t:
 
-The authors' code runs TC per client over gradients that every client's model computes on
-every other client's batch, which a federation cannot do. This module is the federated form
-(ALGORITHMS.md):
+1. client i in S_t trains x_{a_i} (E local epochs) and uploads its update u_i = x_i - x_{a_i};
+2. per cluster k, over the updates U_k of the clients that trained x_k:
+       v_k <- TC(v_k, U_k, tau, R)                      (started at the previous centre)
+       m_k <- beta m_k + v_k,   x_k <- x_k + m_k        (momentum after clustering, beta =
+                                                         ``strategy.tc_momentum``, 0.9)
+3. every client that replied: a_i <- argmin_k ||u_i - v_k||.
+Round 1 (all K models still the same): the centres start at K of the round's updates drawn by
+the seed (the authors' ``init="lazy"``, worker updates as initial centres), a_i is the nearest
+of them, and step 2 runs from there.
 
-``strategy=clustered`` (Federated-Clustering). K = ``strategy.num_clusters`` cluster models x_k
-and update centres v_k live on the server; client i is assigned to a_i. Round t:
+``strategy.mode=robust``: pflower's additions, none of them the paper's or the authors'. Each is
+a key of its own (null: the mode's value; set it to turn the defence on or off in either mode):
 
-1. client i in S_t trains x_{a_i} locally (E epochs of SGD with the run's ``momentum``),
-       delta_i = x_i(after) - x_{a_i},
-   and uploads its worker momentum (``strategy.worker_momentum`` beta, 0.9; the authors' TC
-   runs on the workers' momenta, which is what makes it robust: Karimireddy, He, Jaggi 2021),
-       m_i <- beta m_i + (1 - beta) delta_i,      u_i = m_i / (1 - beta^s_i)
-   (s_i: the client's rounds since its momentum started; the debiased u_i is a weighted mean
-   of its updates, on one update's scale). m_i starts afresh (m_i = 0) when the client is sent
-   another cluster's model than its momentum belongs to (``reset-momentum``).
-2. per cluster k, over every update of the round (``strategy.tc_over=all``, the authors' code;
-   ``assigned``: only those of the clients that trained x_k), near-duplicate uploads merged:
-       U <- collapse_near_duplicates(U)          (``task.algorithms.robust``: uploads closer than
-                                                  ``duplicate_tolerance`` x the median nearest-
-                                                  neighbour distance count once: colluding copies such as
-                                                  ALIE's or IPM's do not fill TC's radius)
-       v_k <- TC(v_k, U, tau, R)                 (started at that centre: the previous v_k; in
-                                                  the first round the cluster's seed, see below;
-                                                  with the oracle, the coordinate median of the
-                                                  cluster's updates)
-       x_k <- x_k + v_k
-3. reassignment: a client whose update is typical of the cluster it trained,
-       ||u_i - v_{a_i}|| <= stay_radius * median_{j trained a_i} ||u_j - v_{a_i}||   (2.0),
-   stays; every other client that replied moves to the nearest centre,
-       a_i <- argmin_k ||u_i - v_k||.
-   (The hard argmin for everyone, ``strategy.stay_radius=0``, is unstable late in training:
-   the updates are then mostly SGD noise and the nearest centre flickers.)
-4. cluster_ari: the adjusted Rand index of {a_i} against the true cluster ids (Byzantine
-   clients left out), every round.
+- ``worker_momentum`` beta_w (robust 0.9, paper 0): clients upload m_i / (1 - beta_w^s),
+  m_i <- beta_w m_i + (1 - beta_w) u_i (momentum before TC, Karimireddy, He, Jaggi 2021);
+- ``seeding``: ``dense`` (robust; ``clustering.initial_clusters``: farthest-first over the dense
+  main body, refined by Lloyd's iterations with coordinate medians) or ``random`` (paper);
+- ``merge_duplicates`` (robust true): uploads closer than ``duplicate_tolerance`` x the median
+  nearest-neighbour distance count once (``robust.collapse_near_duplicates``);
+- ``tc_over``: ``all`` (robust: every centre's TC pools every upload of the round, updates of
+  *different* cluster models; the authors instead pool the updates computed at *one* model)
+  or ``assigned`` (paper: the cluster's own clients);
+- ``stay_radius`` (robust 2.0, paper 0 = off): a client whose update is within that x its
+  cluster's median distance to v_{a_i} keeps a_i instead of moving to the nearest centre;
+- ``tc_momentum`` (robust 0: x_k <- x_k + v_k).
 
-Initialisation: the authors' ``MultiUpdateServer(init="lazy")`` ("use the worker gradients as
-initialization"). All K models start as the same initial model, so in the first round every
-update is relative to the same point; the centres are then seeded from those updates
-(``initial_clusters``, over the uploads with near-duplicates merged as in step 2): K seeds by
-farthest-first traversal over the dense updates of the main body (``main_body``: within twice
-the median distance to the coordinate-wise median; dense: distance to the floor(n q / 2)-th
-nearest update at most its median over the body), started at the dense update farthest from
-the median, then refined by Lloyd's iterations with coordinate medians. A Gaussian or
-sign-flipped attacker is never dense (its nearest like uploads are at most the mirrors of one
-cluster's), so it wins no seed and joins a cluster where TC replaces it.
-A client that first replies after the first round trains cluster (cid mod K) before it is
-reassigned by its update.
+``strategy.oracle``: ``true`` is the papers' oracle, per-cluster FedAvg on the true clusters
+(x_k <- x_k + the configured aggregator's mean of U_k, no TC, no momentum); ``tc`` keeps the
+mode's TC step with the true assignment fixed (an upper reference for the assignment alone).
 
-``strategy.oracle=true``: a_i fixed to the true cluster id (the paper's oracle baseline).
+``discarded_uploads``: an upload counts once, where its own cluster's TC replaced it or merging
+folded it into another. A client that has never replied is scored on the cluster model of
+lowest loss on its training split (IFCA's rule); its first training round uses cluster
+(cid mod K), and its update then assigns it.
 
-``strategy=clustered_per_client`` (the paper's per-client form, made federated): client i
-keeps its personal model x_i (personal state) and uploads u_i = x_i(after) - x_i(before); the
-server runs TC started at each client's own update over all updates of the round,
-    g_i = TC(u_i, {u_j : j in S_t}, tau, R),
-and sends each client its own g_i (the ``train.personalize`` phase): x_i <- x_i(before) + g_i.
-Its cluster_ari groups clients by the connected components of "i and j kept each other in
-their TCs".
-
-Differences from the authors' code, on purpose: an update is a whole local round (E epochs)
-instead of one batch's gradient, and the worker momentum is an exponential average of those
-updates (the step x_k <- x_k + v_k keeps one update's scale) instead of m <- beta m + g with a
-separate learning rate.
+Departures from the authors' code, which a federation cannot run (there, every worker's model
+computes a gradient on every worker's batch, and TC runs per worker over those): an update is a
+whole local round (E epochs) instead of one batch's gradient, and a centre's TC pools the
+updates of the clients that trained that centre's model.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from task.algorithms import robust
+from task.algorithms import clustering, robust
 from task.algorithms.cluster_metrics import cluster_ari
 from task.core.messages import TrainReply, array_spec
 from task.core.params import StateDict, model_state, subtract
+from task.core.training import evaluate
 from task.run.schema import COUNT, Field, register_strategy_schema
 
 from .base import Method
 from .client_base import ClientMethod, TrainResult
+from .ifca import bundle, is_bundle, unbundle
 
 QUANTILE = Field(float, 0.0, 1.0, low_open=True, high_open=True)
+BETA = Field(float, 0.0, 1.0, high_open=True, nullable=True)
 register_strategy_schema("clustered", {
-    "num_clusters": COUNT, "quantile": QUANTILE, "tc_iterations": COUNT, "oracle": Field(bool),
-    "tc_over": Field(str, choices=("assigned", "all")), "aggregate": Field(str, choices=("tc", "aggregator")),
-    "stay_radius": Field(float, 0.0), "worker_momentum": Field(float, 0.0, 1.0, high_open=True),
-    "duplicate_tolerance": Field(float, 0.0),
+    "mode": Field(str, choices=("paper", "robust")), "num_clusters": COUNT, "quantile": QUANTILE,
+    "tc_iterations": COUNT, "oracle": Field(object, choices=(False, True, "tc")),
+    "aggregate": Field(str, choices=("tc", "aggregator")), "worker_momentum": BETA, "tc_momentum": BETA,
+    "seeding": Field(str, choices=("dense", "random"), nullable=True),
+    "merge_duplicates": Field(bool, nullable=True), "duplicate_tolerance": Field(float, 0.0),
+    "tc_over": Field(str, choices=("assigned", "all"), nullable=True),
+    "stay_radius": Field(float, 0.0, nullable=True),
 })
-register_strategy_schema("clustered_per_client", {"quantile": QUANTILE, "tc_iterations": COUNT})
+MODES: dict[str, dict[str, Any]] = {
+    "paper": {"worker_momentum": 0.0, "tc_momentum": 0.9, "seeding": "random", "merge_duplicates": False,
+              "tc_over": "assigned", "stay_radius": 0.0},
+    "robust": {"worker_momentum": 0.9, "tc_momentum": 0.0, "seeding": "dense", "merge_duplicates": True,
+               "tc_over": "all", "stay_radius": 2.0},
+}
+
+
+def setting(strategy: Any, key: str) -> Any:
+    """A mode-dependent key: its value where set, else the mode's. The papers' oracle
+    (``oracle=true``) is plain FedAvg: no momentum on either side."""
+    if strategy.get("oracle") is True and key in ("worker_momentum", "tc_momentum"):
+        return 0.0
+    value = strategy.get(key)
+    return MODES[str(strategy.get("mode", "paper"))][key] if value is None else value
 
 
 def float_entries(state: StateDict) -> StateDict:
@@ -109,7 +104,6 @@ def float_entries(state: StateDict) -> StateDict:
     return {k: v for k, v in state.items() if v.is_floating_point()}
 
 
-# --- pure steps ---------------------------------------------------------------------------
 def worker_momentum(previous: StateDict | None, delta: StateDict, beta: float) -> StateDict:
     """m_i <- beta m_i + (1 - beta) delta_i, from m_i = 0 where there is none yet."""
     if previous is None:
@@ -123,129 +117,11 @@ def debiased(momentum: StateDict, beta: float, steps: int) -> StateDict:
     return {k: v / (1 - beta ** steps) for k, v in momentum.items()}
 
 
-def pairwise_distances(X: torch.Tensor) -> torch.Tensor:
-    """||x_i - x_j|| for the rows of X, in float64."""
-    X = X.to(torch.float64)
-    return torch.cdist(X, X)
-
-
-def main_body(X: torch.Tensor, k: int) -> list[int]:
-    """Rows within twice the median distance to the coordinate-wise median: the bulk of the
-    population. A group of like uploads far from it (sign- or bit-flipped updates, Gaussian
-    noise) is left out, as long as it is a minority. Every row where that leaves at most k."""
-    centre = robust.median(X).value.to(torch.float64)
-    d = (X.to(torch.float64) - centre).norm(dim=1)
-    body = [i for i in range(len(X)) if d[i] <= 2 * d.median()]
-    return body if len(body) > k else list(range(len(X)))
-
-
-def seed_centres(X: torch.Tensor, k: int, quantile: float, body: list[int] | None = None) -> list[int]:
-    """Row indices of K seed updates: farthest-first over the dense rows of the main body.
-
-    A row is dense where its distance to its m-th nearest other row, m = max(1, floor(n q / 2)),
-    is at most twice the median of that distance over the body: a lone outlier, or a group of
-    fewer than m + 1 like uploads, is not (half the q-share of the population that TC assumes
-    of a cluster, so that an honest cluster that lost some clients to Byzantine ones stays dense).
-    The traversal starts at the dense row farthest from the coordinate-wise median. ``body``:
-    ``main_body(X, k)`` where the caller has it already.
-    """
-    n = len(X)
-    if n <= k:
-        return list(range(n))
-    body = main_body(X, k) if body is None else body
-    D = pairwise_distances(X)
-    m = min(len(body) - 1, max(1, int(n * quantile / 2)))
-    radius = torch.sort(D[body][:, body], dim=1).values[:, m]  # column 0 is the row itself
-    dense = [i for i, r in zip(body, radius, strict=True) if r <= radius.median()]
-    centre = robust.median(X).value.to(torch.float64)
-    from_median = (X.to(torch.float64) - centre).norm(dim=1)
-    seeds = [max(dense, key=lambda i: float(from_median[i]))]
-    while len(seeds) < k:
-        nearest = D[:, seeds].min(dim=1).values
-        candidates = [i for i in dense if i not in seeds] or [i for i in body if i not in seeds]
-        seeds.append(max(candidates, key=lambda i: float(nearest[i])))
-    return seeds
-
-
-def initial_clusters(X: torch.Tensor, k: int, quantile: float, tolerance: float = 0.0,
-                     iterations: int = 20) -> tuple[list[int], torch.Tensor]:
-    """Round-1 grouping: K seeds (``seed_centres``), refined by Lloyd's iterations over the main
-    body with coordinate-wise medians as centres (a seed is an extreme row of its group, so
-    nearest-seed groups cut clusters; the medians move to the groups' middles). Both run on the
-    rows with near-duplicates merged (``tolerance``, as in TC): a block of colluding copies
-    would otherwise be half of the group it joins and drag that group's median onto itself.
-    Returns every row's nearest centre and the K centres (fewer where there are at most K)."""
-    rows, _ = robust.collapse_near_duplicates(X, tolerance)
-    body = main_body(rows, k)
-    centres = rows[seed_centres(rows, k, quantile, body)].clone()
-    for _ in range(iterations):
-        labels = nearest_centre(rows[body], centres)
-        groups = [[i for i, lab in zip(body, labels, strict=True) if lab == j] for j in range(len(centres))]
-        moved = torch.stack([robust.median(rows[g]).value if g else centres[j] for j, g in enumerate(groups)])
-        if torch.equal(moved, centres):
-            break
-        centres = moved
-    return nearest_centre(X, centres), centres
-
-
-def nearest_centre(X: torch.Tensor, centres: torch.Tensor) -> list[int]:
-    """For each row of X, the index of the nearest row of ``centres``."""
-    return torch.cdist(X.to(torch.float64), centres.to(torch.float64)).argmin(dim=1).tolist()
-
-
-def typical(X: torch.Tensor, trained: list[int], centres: dict[int, torch.Tensor],
-            radius: float) -> list[bool]:
-    """Whether each row is within ``radius`` times the median distance of its cluster's rows
-    (the rows that ``trained`` the same cluster) to that cluster's centre."""
-    d = torch.stack([(X[i] - centres[k]).norm() for i, k in enumerate(trained)])
-    spread = {k: float(d[[i for i, t in enumerate(trained) if t == k]].median()) for k in set(trained)}
-    return [float(d[i]) <= radius * spread[k] for i, k in enumerate(trained)]
-
-
-def tc_groups(X: torch.Tensor, quantile: float, iterations: int) -> tuple[torch.Tensor, list[list[int]]]:
-    """Per-client TC: row i's aggregate TC(x_i, X) and, for each i, the rows kept in its last
-    iteration (tau from the distances to the current v, as robust.threshold_clustering)."""
-    out, kept = [], []
-    for i in range(len(X)):
-        v = X[i].clone()
-        keep = torch.ones(len(X), dtype=torch.bool)
-        for _ in range(iterations):
-            d = (X - v).norm(dim=1)
-            keep = d <= robust.tc_radius(d, quantile)
-            v = torch.where(keep[:, None], X, v).mean(0)
-        out.append(v)
-        order = torch.argsort((X - X[i]).norm(dim=1)).tolist()  # nearest first: itself, then the next
-        kept.append([j for j in order if bool(keep[j]) and j != i])
-    return torch.stack(out), kept
-
-
-def components(kept: list[list[int]]) -> list[int]:
-    """Connected components of the graph with an edge i -- j where each kept the other in its
-    TC, plus i -- its nearest kept update (``kept[i]`` is ordered nearest first). One-sided
-    edges for every kept update, late in training when updates are mostly noise, chain every
-    cluster into one component. Returns component ids."""
-    sets = [set(js) for js in kept]
-    parent = list(range(len(kept)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, js in enumerate(kept):
-        for j in js:
-            if i in sets[j] or j == js[0]:  # mutual, or i's first kept (its nearest) other
-                parent[root(i)] = root(j)
-    return [root(i) for i in range(len(kept))]
-
-
-# --- Federated-Clustering -------------------------------------------------------------------
 class Clustered(Method):
-    """Server half: K cluster models and update centres, per-cluster TC, reassignment."""
+    """Server half: K cluster models and centres; per-cluster TC, momentum, assignment."""
 
     name = "clustered"
-    keeps_client_state = True  # each client's worker momentum m_i
+    keeps_client_state = True  # each client's worker momentum m_i (robust mode)
     has_global_model = False
     upload_is_update = True
 
@@ -255,18 +131,23 @@ class Clustered(Method):
         self.models: list[StateDict] = [{k: v.clone() for k, v in initial_state.items()}
                                         for _ in range(self.K)]
         self.centres: list[StateDict | None] = [None] * self.K
+        self.momenta: list[StateDict | None] = [None] * self.K  # m_k, momentum after TC
         self.assignment: dict[int, int] = {}
         self.started = False  # False until the first aggregation: all K models still identical
         self._trained_on: dict[int, int] = {}
         self.momentum_cluster: dict[int, int] = {}  # the cluster each client's m_i belongs to
         self._ari: float | None = None
+        self._bundle: StateDict | None = None
+
+    def option(self, key: str) -> Any:
+        return setting(self.cfg.strategy, key)
 
     # --- assignment --------------------------------------------------------------------
     def cluster_of(self, cid: int) -> int:
         """a_i: the true cluster (oracle), the current assignment, or (cid mod K) before one."""
-        if bool(self.cfg.strategy.oracle):
+        if self.cfg.strategy.oracle in (True, "tc"):
             if not self.client_groups:
-                raise RuntimeError("strategy.oracle=true needs the clients' true clusters (client_groups)")
+                raise RuntimeError("strategy.oracle needs the clients' true clusters (client_groups)")
             return int(self.client_groups[cid]) % self.K
         return self.assignment.get(cid, cid % self.K)
 
@@ -284,90 +165,138 @@ class Clustered(Method):
         return array_spec(float_entries(sent))
 
     def eval_arrays(self, cid):
-        return self.models[self.cluster_of(cid)]
+        if self.cfg.strategy.oracle in (True, "tc") or cid in self.assignment:
+            return self.models[self.cluster_of(cid)]
+        if self._bundle is None:  # never replied: the client picks the model of lowest loss
+            self._bundle = bundle(self.models)
+        return self._bundle
 
     def upload_reference(self, reply, sent):
         return None
 
-    # --- aggregation -------------------------------------------------------------------
+    # --- the round: the paper's steps in its order -----------------------------------------
     def aggregate_replies(self, server_round, replies):
+        """Per cluster: v_k <- TC(v_k, U_k); x_k <- x_k + m_k (m_k <- beta m_k + v_k); then
+        a_i <- the nearest centre. The defences of robust mode enter at the named steps."""
         keys = list(float_entries(self.models[0]))
         X = torch.stack([robust.flatten(r.arrays, keys) for r in replies])
-        trained = [self._trained_on[r.cid] for r in replies]
-        oracle = bool(self.cfg.strategy.oracle)
+        cids = [r.cid for r in replies]
+        trained = [self._trained_on[c] for c in cids]
         starts: dict[int, torch.Tensor] = {}
-        if not self.started and not oracle:
-            # All K models are the same: group the first updates around K seed updates, where
-            # each cluster's TC then starts.
-            trained, seeded = initial_clusters(X, self.K, float(self.cfg.strategy.quantile),
-                                               float(self.cfg.strategy.duplicate_tolerance))
-            starts = dict(enumerate(seeded))
+        first = not self.started and self.cfg.strategy.oracle is False
+        if first:  # all K models are the same: group the updates around K initial centres
+            trained, starts = self.initial_grouping(X, server_round)
         self.started = True
-        centres = self.update_centres(X, trained, replies, keys, starts)
-        if oracle:
-            self.assignment.update({r.cid: self.cluster_of(r.cid) for r in replies})
-        elif centres:
-            self.reassign(X, trained, centres, [r.cid for r in replies], first=bool(starts))
-        self._ari = self.current_ari([r.cid for r in replies])
-
-    def reassign(self, X: torch.Tensor, trained: list[int], centres: dict[int, torch.Tensor],
-                 cids: list[int], first: bool) -> None:
-        """Step 3: typical clients stay; the others (all of them in the first round) move to
-        the nearest centre."""
-        ids = sorted(centres)
-        nearest = nearest_centre(X, torch.stack([centres[k] for k in ids]))
-        stay = [False] * len(cids) if first else typical(X, trained, centres,
-                                                          float(self.cfg.strategy.stay_radius))
-        for i, cid in enumerate(cids):
-            self.assignment[cid] = trained[i] if stay[i] else ids[nearest[i]]
-
-    def update_centres(self, X: torch.Tensor, trained: list[int], replies: list[TrainReply],
-                       keys: list[str], starts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """v_k <- TC(v_k, U_k) and x_k <- x_k + v_k for every cluster with updates; all centres.
-
-        TC starts at the previous v_k, else at ``starts[k]`` (the seed update), else at the
-        coordinate median of U_k."""
-        centres = {k: robust.flatten(c, keys) for k, c in enumerate(self.centres) if c is not None}
-        centres = {**starts, **centres}
-        # With tc_over=all every centre's TC runs over the same uploads: merge them once.
-        shared = self.merged_pool(X) if self.cfg.strategy.tc_over == "all" else None
+        previous = {k: robust.flatten(c, keys) for k, c in enumerate(self.centres) if c is not None}
+        centres = {**starts, **previous}
+        tc_all = self.option("tc_over") == "all" and self.cfg.strategy.oracle is not True
+        pool = self.merged_pool(X) if tc_all else None
+        discarded: set[int] = set()
         for k in sorted(set(trained)):
             rows = [i for i, t in enumerate(trained) if t == k]
-            v = self.cluster_update(X, rows, centres.get(k), [replies[i] for i in rows], shared)
+            if self.cfg.strategy.oracle is True:
+                v = self.cluster_mean([replies[i] for i in rows], keys)
+            else:
+                v = self.cluster_estimate(X, rows, centres.get(k), [replies[i] for i in rows], pool,
+                                          discarded)
             centres[k] = v
-            self.centres[k] = robust.unflatten(v, self.models[k], keys)
-            self.models[k] = {**self.models[k], **{key: self.models[k][key] + value for key, value
-                                                   in self.centres[k].items()}}
-        return centres
+            self.step_cluster(k, v, keys)
+        self.stats.discarded += len(discarded)
+        self.assign(X, cids, trained, centres, first)
+        self._bundle = None
+        self._ari = self.current_ari(cids)
 
-    def merged_pool(self, X: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The uploads with near-duplicates merged, and how many were merged."""
-        return robust.collapse_near_duplicates(X, float(self.cfg.strategy.duplicate_tolerance))
+    def initial_grouping(self, X: torch.Tensor,
+                         server_round: int) -> tuple[list[int], dict[int, torch.Tensor]]:
+        """Round 1: every update's initial cluster and the K initial centres, by the paper's
+        lazy initialisation (``seeding=random``) or pflower's dense seeding (``dense``)."""
+        if self.option("seeding") == "dense":
+            merge = self.option("merge_duplicates")
+            tolerance = float(self.cfg.strategy.duplicate_tolerance) if merge else None
+            labels, seeded = clustering.initial_clusters(X, self.K, float(self.cfg.strategy.quantile),
+                                                         tolerance)
+            return labels, dict(enumerate(seeded))
+        seeds = clustering.random_seeds(len(X), self.K, int(self.cfg.seed) * 7919 + server_round)
+        return clustering.nearest_centre(X, X[seeds]), {k: X[i].clone() for k, i in enumerate(seeds)}
 
-    def cluster_update(self, X: torch.Tensor, rows: list[int], start: torch.Tensor | None,
-                       replies: list[TrainReply],
-                       shared: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-        """TC over the cluster's updates (or ``shared``: all updates merged, ``tc_over=all``),
-        from ``start``."""
+    def merged_pool(self, X: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+        """The uploads TC runs over and the rows behind each (near-duplicates merged where
+        ``merge_duplicates``; otherwise each row alone)."""
+        if not self.option("merge_duplicates"):
+            return X, [[i] for i in range(len(X))]
+        groups = robust.near_duplicate_groups(X, float(self.cfg.strategy.duplicate_tolerance))
+        rows = X if len(groups) == len(X) else torch.stack([X[g].mean(0) for g in groups])
+        return rows, groups
+
+    def cluster_estimate(self, X: torch.Tensor, rows: list[int], start: torch.Tensor | None,
+                         replies: list[TrainReply], pool: tuple[torch.Tensor, list[list[int]]] | None,
+                         discarded: set[int]) -> torch.Tensor:
+        """v_k = TC(start, U, tau, R): U the cluster's updates, or ``pool`` (every upload of the
+        round, ``tc_over=all``); from the coordinate median of the cluster's updates where there
+        is no start. Adds to ``discarded`` the cluster's own uploads that TC replaced or merging
+        folded into another (``aggregate=aggregator``: the configured aggregator, which counts)."""
         group = X[rows]
         if self.cfg.strategy.aggregate == "aggregator":
             merged = self.aggregate([{"u": row} for row in group], [r.num_examples for r in replies],
                                     center=None if start is None else {"u": start})
             return merged["u"]
-        pool, merged = shared if shared is not None else self.merged_pool(group)
+        if pool is None:
+            points, groups = self.merged_pool(group)
+            groups = [[rows[i] for i in g] for g in groups]
+        else:
+            points, groups = pool
         v0 = robust.median(group).value if start is None else start
-        result = robust.threshold_clustering(pool, v0, float(self.cfg.strategy.quantile),
+        result = robust.threshold_clustering(points, v0, float(self.cfg.strategy.quantile),
                                              int(self.cfg.strategy.tc_iterations))
-        self.stats.discarded += result.discarded + merged
+        own = set(rows)
+        for g, kept in zip(groups, result.kept.tolist(), strict=True):
+            discarded.update(i for i in g[1:] if i in own)  # merged into the group's first
+            if not kept and g[0] in own:
+                discarded.update(i for i in g if i in own)
         return result.value
+
+    def cluster_mean(self, replies: list[TrainReply], keys: list[str]) -> torch.Tensor:
+        """The papers' oracle: the configured aggregator's mean of the cluster's updates
+        (``aggregator=mean``: FedAvg's sample-weighted mean)."""
+        merged = self.aggregate([float_entries(r.arrays) for r in replies], [r.num_examples for r in replies])
+        return robust.flatten(merged, keys)
+
+    def step_cluster(self, k: int, v: torch.Tensor, keys: list[str]) -> None:
+        """v_k <- v; x_k <- x_k + v_k, or with momentum after TC x_k <- x_k + m_k."""
+        self.centres[k] = robust.unflatten(v, self.models[k], keys)
+        step = self.centres[k]
+        beta = float(self.option("tc_momentum"))
+        if beta > 0:
+            previous = None if self.momenta[k] is None else robust.flatten(self.momenta[k], keys)
+            step = robust.unflatten(clustering.momentum_after_tc(previous, v, beta), self.models[k], keys)
+            self.momenta[k] = step
+        moved = {key: self.models[k][key] + value for key, value in step.items()}
+        self.models[k] = {**self.models[k], **moved}
+
+    def assign(self, X: torch.Tensor, cids: list[int], trained: list[int],
+               centres: dict[int, torch.Tensor], first: bool) -> None:
+        """a_i <- argmin_k ||u_i - v_k||; with a stay radius (not in round 1), a client whose
+        update is typical of the cluster it trained keeps it."""
+        if self.cfg.strategy.oracle in (True, "tc"):
+            self.assignment.update({c: self.cluster_of(c) for c in cids})
+            return
+        if not centres:
+            return
+        ids = sorted(centres)
+        nearest = clustering.nearest_centre(X, torch.stack([centres[k] for k in ids]))
+        radius = float(self.option("stay_radius"))
+        stay = [False] * len(cids)
+        if radius > 0 and not first:
+            stay = clustering.typical(X, trained, centres, radius)
+        for i, cid in enumerate(cids):
+            self.assignment[cid] = trained[i] if stay[i] else ids[nearest[i]]
 
     def current_ari(self, replied: list[int]) -> float | None:
         if not self.client_groups:
             return None
-        if bool(self.cfg.strategy.oracle):
+        current = self.assignment
+        if self.cfg.strategy.oracle in (True, "tc"):
             current = {c: self.cluster_of(c) for c in replied}
-        else:
-            current = self.assignment
         return cluster_ari(current, self.client_groups, self.excluded_clients)
 
     def round_metrics(self, server_round):
@@ -381,6 +310,7 @@ class Clustered(Method):
     def state_arrays(self):
         arrays = {**super().state_arrays(), **{f"cluster{k}": m for k, m in enumerate(self.models)}}
         arrays.update({f"centre{k}": c for k, c in enumerate(self.centres) if c is not None})
+        arrays.update({f"momentum{k}": m for k, m in enumerate(self.momenta) if m is not None})
         return arrays
 
     def state_scalars(self):
@@ -392,14 +322,16 @@ class Clustered(Method):
         super().load_state(arrays, scalars)
         self.models = [arrays[f"cluster{k}"] for k in range(self.K)]
         self.centres = [arrays.get(f"centre{k}") for k in range(self.K)]
+        self.momenta = [arrays.get(f"momentum{k}") for k in range(self.K)]
         self.assignment = {int(c): int(k) for c, k in scalars.get("assignment", {}).items()}
         self.momentum_cluster = {int(c): int(k) for c, k in scalars.get("momentum_cluster", {}).items()}
         self.started = bool(scalars.get("started", False))
+        self._bundle = None
 
 
 class ClusteredClient(ClientMethod):
-    """Client half: train the received cluster model, upload the worker momentum of its
-    updates, score that model."""
+    """Client half: train the received cluster model, upload its update (robust mode: the
+    worker momentum of its updates), score that model (of K, the one of lowest loss)."""
 
     name = "clustered"
 
@@ -407,7 +339,9 @@ class ClusteredClient(ClientMethod):
         model = self.model("main", received)
         loss = self.fit(model, int(config["server-round"]))
         delta = subtract(float_entries(model_state(model)), float_entries(received))
-        beta = float(self.cfg.strategy.worker_momentum)
+        beta = float(setting(self.cfg.strategy, "worker_momentum"))
+        if beta == 0:
+            return TrainResult(delta, self.data.num_train, {"train_loss": loss})
         fresh = bool(config.get("reset-momentum"))
         momentum = worker_momentum(None if fresh else self.state.load("momentum"), delta, beta)
         steps = 1 + (0 if fresh else int(self.state.scalars("momentum-steps").get("steps", 0)))
@@ -416,73 +350,9 @@ class ClusteredClient(ClientMethod):
         return TrainResult(debiased(momentum, beta, steps), self.data.num_train, {"train_loss": loss})
 
     def evaluate(self, received, config):
+        if is_bundle(received):  # never assigned: the cluster model of lowest training loss
+            models = unbundle(received)
+            losses = [evaluate(self.model("main", m), self.data.x_train, self.data.y_train)[0]
+                      for m in models]
+            received = models[min(range(len(models)), key=lambda j: losses[j])]
         return self.report(self.model("main", received))
-
-
-# --- the per-client form ----------------------------------------------------------------------
-class ClusteredPerClient(Method):
-    """Server half: g_i = TC(u_i, all updates) for every client that replied, sent back to it."""
-
-    name = "clustered_per_client"
-    keeps_client_state = True
-    has_global_model = False
-    upload_is_update = True
-
-    def __init__(self, cfg, initial_state, partition_sizes):
-        super().__init__(cfg, initial_state, partition_sizes)
-        self.estimates: dict[int, StateDict] = {}
-        self._ari: float | None = None
-
-    def train_arrays(self, cid, server_round):
-        return {}  # the client trains its own model
-
-    def expected_upload(self, cid, sent):
-        return array_spec(float_entries(self.global_state))
-
-    def aggregate_replies(self, server_round, replies):
-        keys = list(float_entries(self.global_state))
-        X = torch.stack([robust.flatten(r.arrays, keys) for r in replies])
-        G, kept = tc_groups(X, float(self.cfg.strategy.quantile), int(self.cfg.strategy.tc_iterations))
-        self.stats.discarded += sum(max(0, len(replies) - 1 - len(k)) for k in kept)  # kept: others
-        self.estimates = {r.cid: robust.unflatten(g, self.global_state, keys)
-                          for r, g in zip(replies, G, strict=True)}
-        labels = components(kept)
-        if self.client_groups:
-            self._ari = cluster_ari({r.cid: lab for r, lab in zip(replies, labels, strict=True)},
-                                    self.client_groups, self.excluded_clients)
-
-    def personalize_arrays(self, cid, server_round):
-        return self.estimates.get(cid)
-
-    def eval_arrays(self, cid):
-        return {}
-
-    def round_metrics(self, server_round):
-        return {"cluster_ari": self._ari}
-
-
-class ClusteredPerClientClient(ClientMethod):
-    """Client half: train x_i, upload its update, then x_i <- x_i(before) + g_i."""
-
-    name = "clustered_per_client"
-
-    def personal_model(self):
-        return self.model("main", self.state.load("personal"))
-
-    def train(self, received, config):
-        model = self.personal_model()
-        before = model_state(model)
-        loss = self.fit(model, int(config["server-round"]))
-        update = subtract(float_entries(model_state(model)), float_entries(before))
-        if self.state.load("personal") is None:
-            self.state.save("personal", before)  # x_i moves only by the server's g_i
-        return TrainResult(update, self.data.num_train, {"train_loss": loss})
-
-    def personalize(self, received, config) -> dict[str, Any]:
-        before = self.state.load("personal") or model_state(self.personal_model())
-        self.state.save("personal", {k: (v + received[k].to(v)) if k in received else v
-                                     for k, v in before.items()})
-        return {"update_norm": float(np.sqrt(sum(float((g ** 2).sum()) for g in received.values())))}
-
-    def evaluate(self, received, config):
-        return self.report(self.personal_model())

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from strategies.clustered import (
+from strategies.clustered import debiased, worker_momentum
+from strategies.ifca import bundle, is_bundle, unbundle
+from task.algorithms import robust
+from task.algorithms.cluster_metrics import cluster_ari
+from task.algorithms.clustering import (
     components,
-    debiased,
     initial_clusters,
     nearest_centre,
     seed_centres,
     tc_groups,
     typical,
-    worker_momentum,
 )
-from strategies.ifca import bundle, is_bundle, unbundle
-from task.algorithms import robust
-from task.algorithms.cluster_metrics import cluster_ari
 from task.core.messages import TrainReply
 from task.data.load import load_federation
 from task.engine.rounds import Engine
@@ -101,8 +100,12 @@ def test_ari_ignores_excluded_clients():
     assert cluster_ari({0: 0}, [0]) is None
 
 
-def _clustered_server(extra: str = ""):
-    cfg = compose_config(f"{RELABEL} strategy=clustered strategy.num_clusters=2 {extra}".strip())
+ROBUST = "strategy=clustered strategy.mode=robust"
+
+
+def _clustered_server(extra: str = "", mode: str = "robust"):
+    overrides = f"{RELABEL} strategy=clustered strategy.mode={mode} strategy.num_clusters=2 {extra}"
+    cfg = compose_config(overrides.strip())
     st = server(cfg)
     fed = load_federation(cfg, torch.device("cpu"))
     st.client_groups = [c.domain for c in fed.clients]
@@ -174,7 +177,7 @@ def test_clustered_client_uploads_its_update_and_scores_the_cluster_model():
 
 
 def test_clustered_client_uploads_its_worker_momentum_and_starts_afresh_when_told():
-    cfg = compose_config(f"{RELABEL} strategy=clustered strategy.num_clusters=2")
+    cfg = compose_config(f"{RELABEL} {ROBUST} strategy.num_clusters=2")
     context = make_context(0)
     received = client(cfg, 0, context).initial_state()
 
@@ -197,7 +200,7 @@ def test_clustered_client_uploads_its_worker_momentum_and_starts_afresh_when_tol
 def test_clustered_round_loop_under_gaussian_attack_finds_the_clusters():
     """8 relabel clients in 2 clusters, 2 of them Gaussian attackers: ARI 1 on the honest
     ones, no non-finite model, and the honest clients learn."""
-    overrides = f"{RELABEL} strategy=clustered strategy.num_clusters=2 attack=gaussian attack.fraction=0.25"
+    overrides = f"{RELABEL} {ROBUST} strategy.num_clusters=2 attack=gaussian attack.fraction=0.25"
     cfg, st = _clustered_server("attack=gaussian attack.fraction=0.25")
     rows = []
     run = Engine(st)
@@ -264,7 +267,11 @@ def test_prfl_mnist_preset_is_the_papers_table_1_setup():
     assert cfg.partition.name == "relabel" and cfg.partition.num_clients == 300
     assert cfg.partition.num_clusters == 4
     assert cfg.model.name == "mlp" and cfg.model.hidden == 200
-    assert (cfg.lr, cfg.momentum, cfg.batch_size) == (0.1, 0.9, 32)
+    # run.sh's relabel_fc_all: lr 0.1, batch 1000 (a client's whole split), 50 epochs, the
+    # momentum 0.9 after TC (the workers' own SGD is plain), fc-grad-3-quantile0.2
+    assert (cfg.lr, cfg.momentum, cfg.batch_size, cfg.num_rounds) == (0.1, 0.0, 1000, 50)
+    assert cfg.strategy.mode == "paper" and cfg.strategy.tc_momentum == 0.9
+    assert (cfg.strategy.tc_iterations, cfg.strategy.quantile) == (3, 0.2)
     assert cfg.attack.name == "none"
     attacked = compose_config("+experiment=prfl_mnist attack=gaussian")
     assert attacked.attack.name == "gaussian" and attacked.attack.fraction == 0.2
@@ -278,5 +285,5 @@ def test_typical_clients_stay_and_atypical_ones_move_to_the_nearest_centre():
     wrong = [1 - t for t in truth[:1]] + truth[1:]  # row 0 claims to have trained cluster 1
     assert typical(X, wrong, centres, 2.0)[0] is False
     _, st = _clustered_server()
-    st.reassign(X, wrong, centres, list(range(10)), first=False)
+    st.assign(X, list(range(10)), wrong, centres, first=False)
     assert [st.assignment[i] for i in range(10)] == truth  # row 0 moved home, the rest stayed

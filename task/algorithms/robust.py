@@ -59,6 +59,7 @@ class Aggregate:
 
     value: torch.Tensor
     discarded: int = 0
+    kept: torch.Tensor | None = None  # TC: which rows its last iteration kept (None elsewhere)
 
 
 def _results(X: torch.Tensor, weights: Sequence[float] | None) -> list[tuple[list[np.ndarray], int]]:
@@ -155,8 +156,17 @@ def collapse_near_duplicates(X: torch.Tensor, tolerance: float) -> tuple[torch.T
     than the tolerance, and stay separate (the nearest-neighbour distance is the scale of that
     noise even where clusters are far apart); ``tolerance=0`` merges exact copies only.
     """
-    if len(X) < 3:
+    groups = near_duplicate_groups(X, tolerance)
+    if len(groups) == len(X):
         return X, 0
+    return torch.stack([X[g].mean(0) for g in groups]), len(X) - len(groups)
+
+
+def near_duplicate_groups(X: torch.Tensor, tolerance: float) -> list[list[int]]:
+    """The row groups ``collapse_near_duplicates`` merges (each group's first row is the one
+    the others are within the limit of); every row alone where there are fewer than 3."""
+    if len(X) < 3:
+        return [[i] for i in range(len(X))]
     D = torch.cdist(X.to(torch.float64), X.to(torch.float64))
     nearest = (D + torch.diag(torch.full((len(X),), float("inf")))).min(dim=1).values
     limit = tolerance * float(nearest.median())
@@ -167,7 +177,7 @@ def collapse_near_duplicates(X: torch.Tensor, tolerance: float) -> tuple[torch.T
             groups.append([i])
         else:
             home.append(i)
-    return torch.stack([X[g].mean(0) for g in groups]), len(X) - len(groups)
+    return groups
 
 
 def tc_radius(distances: torch.Tensor, quantile: float) -> float:
@@ -186,14 +196,13 @@ def threshold_clustering(X: torch.Tensor, start: torch.Tensor, quantile: float |
     uploads replaced by v in the last iteration.
     """
     v = start.to(X.dtype).clone()
-    replaced = 0
+    keep = torch.ones(len(X), dtype=torch.bool)
     for _ in range(iterations):
         d = (X - v).norm(dim=1)
         radius = tc_radius(d, float(quantile)) if tau is None else tau
         keep = d <= radius
-        replaced = int((~keep).sum())
         v = torch.where(keep[:, None], X, v).mean(0)
-    return Aggregate(v, replaced)
+    return Aggregate(v, int((~keep).sum()), keep)
 
 
 def aggregate_vectors(name: str, X: torch.Tensor, weights: Sequence[float], params: dict,
