@@ -47,6 +47,13 @@ def progress_line(row: dict, num_rounds: int) -> str:
     return " | ".join(parts)
 
 
+def short_error(err: BaseException, limit: int = 300) -> str:
+    """The error's first line, at most ``limit`` characters (a Ray error's text holds whole tracebacks)."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def build_strategy(cfg: DictConfig, federation: Federation) -> Method:
     """The configured strategy, over the configured federation, with the run's initial model."""
     torch.manual_seed(int(cfg.seed))
@@ -75,7 +82,8 @@ def main(grid: Grid, context: Context) -> None:
         results = outputs.write_results(time.monotonic() - started)
         folder.set_status("completed", rounds=results["num_rounds"])
     except BaseException as err:
-        folder.set_status("failed", error=f"{type(err).__name__}: {err}")
+        # One line: a status.json is read by people and scripts; the traceback is in the log.
+        folder.set_status("failed", error=short_error(err))
         log(ERROR, "pflower: run failed: %s", err)
         raise
     finally:

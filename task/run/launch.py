@@ -164,17 +164,18 @@ def pin_output_dir(overrides: str) -> str:
     return f"{overrides} output_dir={shlex.quote(str(default_output_dir(cfg)))}".strip()
 
 
-def door(overrides: str) -> tuple[int, Path]:
-    """Every check that can run before Flower starts: (clients, output folder), or an error."""
+def door(overrides: str) -> tuple[int, Path, str | None]:
+    """Every check that can run before Flower starts: (clients, output folder, the answer when
+    there is nothing to run), or an error."""
     from strategies import lookup
     from task.data.load import build_federation
-    from task.run.door import check_run
+    from task.run.door import check_run, finished_already
 
     cfg = compose_config(overrides)
     federation = build_federation(cfg)
     server_cls, _ = lookup(cfg.strategy.name)
     directory = check_run(cfg, federation, server_cls.keeps_client_state)
-    return len(federation.clients), directory
+    return len(federation.clients), directory, finished_already(cfg, directory)
 
 
 class FlowerRun:
@@ -312,10 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         overrides = pin_output_dir(overrides)
-        clients, directory = door(overrides)
+        clients, directory, done = door(overrides)
     except (ConfigError, ValueError, OSError, KeyError, RuntimeError) as err:
         print(f"pflower-sim: {err}", file=sys.stderr)
         return 2
+    if done is not None:
+        print(f"pflower-sim: {done}")
+        return 0
     gpus = args.gpus
     if gpus is None:
         import torch

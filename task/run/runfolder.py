@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import socket
+import tempfile
 import time
 from logging import WARNING
 from pathlib import Path
@@ -81,9 +82,35 @@ def describe(holder: dict[str, Any]) -> str:
     return f"process {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
 
 
+def _probe_writable(directory: Path) -> None:
+    """Create and remove a file in ``directory``: the only test that answers for ACLs, read-only
+    mounts and root squash alike (``os.access`` does not); raises the OSError."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".pflower-probe-")
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse a folder that is a file, or that this user cannot create or write (checked on the
+    nearest folder that exists), before Flower starts rather than 80 s later inside it."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = f"output_dir={directory}" if existing == directory else f"output_dir={directory}: {existing}"
+        raise RunFolderError(f"{where} is a file, not a folder; choose another output_dir")
+    try:
+        _probe_writable(existing)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise RunFolderError(f"output_dir={directory}: cannot write in {existing} ({reason}); choose a "
+                             "folder this user can write") from None
+
+
 def check_free(directory: Path, resume: bool) -> None:
     """Refuse a folder that holds another run (unless resuming it) or is locked by a live run."""
     directory = Path(directory)
+    check_writable(directory)
     holder = read_lock(directory)
     if holder is not None and holder_alive(holder):
         raise RunFolderError(f"{directory} is locked by a run in progress: {describe(holder)}; "
