@@ -119,12 +119,13 @@ def check_min_replies(cfg: DictConfig, num_clients: int) -> None:
                           f"to at most {sampled}")
 
 
-def check_run(cfg: DictConfig, federation: Federation, keeps_client_state: bool) -> Path:
-    """Every check but the data's own (done while loading it); returns the run's folder."""
+def check_run(cfg: DictConfig, federation: Federation, keeps_client_state: bool, handover: str = "") -> Path:
+    """Every check but the data's own (done while loading it); returns the run's folder.
+    ``handover``: the token of the lock pflower-sim took for this run (not a refusal)."""
     check_model_fits(cfg, federation)
     check_min_replies(cfg, len(federation.clients))
     directory = run_directory(cfg)
-    check_free(directory, resume=bool(cfg.resume))  # first: a live run has no checkpoint yet
+    check_free(directory, resume=bool(cfg.resume), handover=handover)  # first: a live run has no checkpoint
     if cfg.resume:
         meta = check_resumable(cfg, directory, keeps_client_state)
         if keeps_client_state and cfg.client_state_dir:
