@@ -39,7 +39,9 @@ NOISE = re.compile("|".join([
     r"Manually terminating ClientAppActor",
     r"Successfully installed \S+ to ",
     r"FutureWarning", r"^\s*warnings\.warn\(",
-    r"default number of .*supernodes|supernodes.*default",
+    r"default simulated SuperNodes", r"simulated SuperNodes\)$", r"To change federation size",
+    r"flwr federation simulation-config", r"^Using SuperLink: ", r"Starting logstream for run_id",
+    r"^(INFO|WARNING|DEBUG)\s*:\s*$",  # Flower's empty lines
 ]), re.IGNORECASE)
 
 
