@@ -47,6 +47,34 @@ def progress_line(row: dict, num_rounds: int) -> str:
     return " | ".join(parts)
 
 
+class StopRequestError(Exception):
+    """pflower-sim asked the run to stop, or is gone (``RunFolder.stop_requested``)."""
+
+
+class WatchedGrid:
+    """The Grid, but every push first asks the run folder whether to stop: a stop acts before
+    the next message (within a round), and the checkpoint on disk is the last finished round's."""
+
+    def __init__(self, grid: Grid, folder: RunFolder):
+        self._grid, self._folder = grid, folder
+
+    def push_messages(self, messages):
+        reason = self._folder.stop_requested()
+        if reason is not None:
+            raise StopRequestError(reason)
+        return self._grid.push_messages(messages)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def short_error(err: BaseException, limit: int = 300) -> str:
+    """The error's first line, at most ``limit`` characters (a Ray error's text holds whole tracebacks)."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def build_strategy(cfg: DictConfig, federation: Federation) -> Method:
     """The configured strategy, over the configured federation, with the run's initial model."""
     torch.manual_seed(int(cfg.seed))
@@ -67,15 +95,23 @@ def main(grid: Grid, context: Context) -> None:
     configure_process(cfg)  # before anything can start CUDA
     federation = load_federation(cfg, torch.device("cpu"))
     strategy = build_strategy(cfg, federation)
-    directory = check_run(cfg, federation, strategy.keeps_client_state)
+    handover = str(context.run_config.get("launcher", ""))  # pflower-sim's lock on the folder
+    directory = check_run(cfg, federation, strategy.keeps_client_state, handover)
     folder = RunFolder(directory)
-    folder.claim(resume=bool(cfg.resume))
+    folder.claim(resume=bool(cfg.resume), handover=handover)
     try:
-        outputs = run(cfg, federation, strategy, grid, directory)
+        outputs = run(cfg, federation, strategy, WatchedGrid(grid, folder), directory)
         results = outputs.write_results(time.monotonic() - started)
         folder.set_status("completed", rounds=results["num_rounds"])
+    except StopRequestError as stop:
+        # A stop between two messages: the last checkpoint is whole; the run ends normally in
+        # Flower's eyes, and the folder says it stopped (resumable).
+        folder.set_status("stopped", detail=f"{stop}; resume it with resume=<dir>")
+        log(INFO, "pflower: run stopped (%s); the checkpoint of the last finished round is kept", stop)
+        return
     except BaseException as err:
-        folder.set_status("failed", error=f"{type(err).__name__}: {err}")
+        # One line: a status.json is read by people and scripts; the traceback is in the log.
+        folder.set_status("failed", error=short_error(err))
         log(ERROR, "pflower: run failed: %s", err)
         raise
     finally:

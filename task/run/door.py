@@ -19,11 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from task.core.models import build_model
 from task.data.federation import Federation
 from task.engine.checkpoint import CHECKPOINT, CHECKPOINT_META
-from task.run.combinations import check_combination
+from task.run.combinations import check_combination, uploads_per_round
 from task.run.config import ConfigError
 from task.run.outputs import default_output_dir
-from task.run.runfolder import check_free
+from task.run.runfolder import check_free, read_status
 
+# The key under which task/core/state.py stores the round that wrote a client's state file
+# (its META; not imported: task.core must not be a dependency of the door's import).
+STATE_ROUND = "__round__"
 # Keys that may differ between a run and its resumption.
 RESUME_FREE_KEYS = ("resume", "output_dir", "num_rounds", "round_timeout", "node_wait_timeout")
 
@@ -103,12 +106,91 @@ def check_resumable(cfg: DictConfig, directory: Path, keeps_client_state: bool) 
     return meta
 
 
-def check_run(cfg: DictConfig, federation: Federation, keeps_client_state: bool) -> Path:
-    """Every check but the data's own (done while loading it); returns the run's folder."""
+def check_min_replies(cfg: DictConfig, num_clients: int) -> None:
+    """A ``min_replies`` no round can meet would train nothing and fail after the last round."""
+    sampled = uploads_per_round(cfg, num_clients)
+    if int(cfg.min_replies) > sampled:
+        raise ConfigError(f"min_replies={cfg.min_replies} can never be met: each round samples {sampled} of "
+                          f"the {num_clients} clients (fraction_train={cfg.fraction_train}); set min_replies "
+                          f"to at most {sampled}")
+
+
+def check_run(cfg: DictConfig, federation: Federation, keeps_client_state: bool, handover: str = "") -> Path:
+    """Every check but the data's own (done while loading it); returns the run's folder.
+    ``handover``: the token of the lock pflower-sim took for this run (not a refusal)."""
     check_model_fits(cfg, federation)
     check_combination(cfg, federation)
+    check_min_replies(cfg, len(federation.clients))
     directory = run_directory(cfg)
-    check_free(directory, resume=bool(cfg.resume))  # first: a live run has no checkpoint yet
+    check_free(directory, resume=bool(cfg.resume), handover=handover)  # first: a live run has no checkpoint
     if cfg.resume:
-        check_resumable(cfg, directory, keeps_client_state)
+        meta = check_resumable(cfg, directory, keeps_client_state)
+        if keeps_client_state and cfg.client_state_dir:
+            check_client_state(cfg, directory, meta, len(federation.clients))
     return directory
+
+
+def finished_already(cfg: DictConfig, directory: Path) -> str | None:
+    """For a resume of a run that already completed ``num_rounds`` rounds: the answer (Flower
+    would start, 90-120 s, to do nothing); None otherwise."""
+    if not cfg.resume:
+        return None
+    status = read_status(directory) or {}
+    done = int(read_checkpoint_meta(directory / CHECKPOINT)["round"])
+    if status.get("status") != "completed" or done < int(cfg.num_rounds):
+        return None
+    return (f"{directory} already completed {done} rounds (num_rounds={cfg.num_rounds}): nothing to run; "
+            f"results in {directory / 'results.json'} (pass num_rounds={done + 1} or more to go on)")
+
+
+def _state_round(path: Path) -> int:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return int(data[STATE_ROUND])
+    except Exception as err:  # noqa: BLE001 - zipfile, numpy each raise their own
+        raise ConfigError(f"client state {path} cannot be read ({type(err).__name__}); it is truncated or "
+                          "not pflower's: restore it, or start the run afresh") from None
+
+
+def last_trained_rounds(cfg: DictConfig, meta: dict, rows: list[dict], num_clients: int) -> dict[int, int]:
+    """Per client, the last round up to the checkpoint's in which it was sampled and every reply
+    was valid (so it saved its state then): the engine's seeded sampling replayed. Empty when the
+    replay does not end in the checkpoint's generator state (then nothing is claimed)."""
+    rng = np.random.default_rng(int(cfg.seed))
+    clean = {int(r["round"]) for r in rows if r.get("train_loss") is not None
+             and not r.get("rejected_replies") and not r.get("late_replies") and not r.get("missing_clients")}
+    last: dict[int, int] = {}
+    for server_round in range(1, int(meta["round"]) + 1):
+        for cid in rng.choice(num_clients, size=sample_size(cfg, num_clients), replace=False):
+            if server_round in clean:
+                last[int(cid)] = server_round
+    return last if rng.bit_generator.state == meta.get("rng") else {}
+
+
+def check_client_state(cfg: DictConfig, directory: Path, meta: dict, num_clients: int) -> None:
+    """Refuse a resume that would silently restart a client whose state in ``client_state_dir``
+    is gone or older than the last round it trained in (``task/core/state.py``: each saved file
+    holds the round that wrote it; ``<name>.npz`` the newest, ``<name>.prev.npz`` the one before)."""
+    root = Path(str(cfg.client_state_dir)).expanduser()
+    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()
+            if line.strip().endswith("}")] if (directory / "metrics.jsonl").exists() else []
+    last = last_trained_rounds(cfg, meta, rows, num_clients)
+    saved = {cid: {p.name.removesuffix(".npz").removesuffix(".prev")
+                   for p in (root / f"client-{cid}").glob("*.npz")} for cid in last}
+    for cid, trained in sorted(last.items()):
+        folder = root / f"client-{cid}"
+        # A state others all keep and this client lacks: deleted (a method that keeps a state
+        # only for some clients has other clients without it too).
+        for name in sorted(set().union(*saved.values()) - saved[cid]):
+            if all(name in names for other, names in saved.items() if other != cid):
+                gone = folder / f"{name}.npz"
+                raise ConfigError(f"resume={directory}: client {cid}'s saved state {gone} "
+                                  "is gone (every other client has its own): resuming would restart that "
+                                  "client from scratch; restore the file, or start the run afresh")
+        versions = [_state_round(p) for p in folder.glob("*.npz")]
+        visible = [r for r in versions if r <= int(meta["round"])]
+        if not visible or max(visible) < trained:
+            found = f"is of round {max(visible)}" if visible else "is gone"
+            raise ConfigError(f"resume={directory}: client {cid} trained in round {trained}, but its state "
+                              f"in {folder} {found}: resuming would restart or rewind that client; restore "
+                              "its files, or start the run afresh")

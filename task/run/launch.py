@@ -29,21 +29,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from task.run.config import ConfigError, compose_config
+from task.run.flower_run import FlowerRun, stop_superlink, superlink_note
 
 ROOT = Path(__file__).resolve().parents[2]
-POLL_S = 2.0
-STOP_WAIT_S = 120.0
 HOLDER_EXIT_S = 60.0
 OVERRIDE = re.compile(r"^[+~]{0,2}[\w./@-]+=")
 
@@ -70,9 +67,12 @@ def join_overrides(args: list[str]) -> str:
     return " ".join(shlex.quote(p) if " " in p else p for p in split_arguments(args))
 
 
-def flwr_command(overrides: str, clients: int, cpus: int, gpus: float) -> list[str]:
-    """The plain Flower command for the run (what a user can type)."""
+def flwr_command(overrides: str, clients: int, cpus: int, gpus: float, launcher: str = "") -> list[str]:
+    """The plain Flower command for the run (what a user can type). ``launcher``: the token of
+    the folder's lock pflower-sim took at its door, which the ServerApp takes over."""
     run_config = f"overrides={_toml_string(overrides)}"
+    if launcher:
+        run_config += f" launcher={_toml_string(launcher)}"
     federation = (f"num-supernodes={clients} client-resources-num-cpus={cpus} "
                   f"client-resources-num-gpus={gpus}")
     return ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config,
@@ -164,97 +164,18 @@ def pin_output_dir(overrides: str) -> str:
     return f"{overrides} output_dir={shlex.quote(str(default_output_dir(cfg)))}".strip()
 
 
-def door(overrides: str) -> tuple[int, Path]:
-    """Every check that can run before Flower starts: (clients, output folder), or an error."""
+def door(overrides: str) -> tuple[int, Path, str | None]:
+    """Every check that can run before Flower starts: (clients, output folder, the answer when
+    there is nothing to run), or an error."""
     from strategies import lookup
     from task.data.load import build_federation
-    from task.run.door import check_run
+    from task.run.door import check_run, finished_already
 
     cfg = compose_config(overrides)
     federation = build_federation(cfg)
     server_cls, _ = lookup(cfg.strategy.name)
     directory = check_run(cfg, federation, server_cls.keeps_client_state)
-    return len(federation.clients), directory
-
-
-class FlowerRun:
-    """One submitted Flower run: its log followed, its status polled, stopped on a signal."""
-
-    def __init__(self, command: list[str], directory: Path, env: dict[str, str]):
-        self.command, self.directory, self.env = command, directory, env
-        self.run_id: str | None = None
-        self.signal: int | None = None
-        self.log_proc: subprocess.Popen | None = None
-
-    def submit(self) -> str | None:
-        """Submit the run; its id, or None (Flower's own message printed)."""
-        command = [c for c in self.command if c != "--stream"] + ["--format", "json"]
-        proc = subprocess.run(command, env=self.env, capture_output=True, text=True)
-        try:
-            reply = json.loads(proc.stdout[proc.stdout.index("{"):])
-        except ValueError:
-            reply = {}
-        if proc.returncode != 0 or not reply.get("success"):
-            print(proc.stdout + proc.stderr, file=sys.stderr)
-            return None
-        self.run_id = str(reply["run-id"])
-        print(f"pflower-sim: run {self.run_id} started; outputs in {self.directory}", flush=True)
-        return self.run_id
-
-    def status(self) -> dict:
-        """The run's record on the SuperLink (``flwr ls``); {} if it cannot be read now."""
-        proc = subprocess.run(["flwr", "ls", "--run-id", str(self.run_id), "--format", "json"],
-                              env=self.env, capture_output=True, text=True)
-        try:
-            runs = json.loads(proc.stdout[proc.stdout.index("{"):]).get("runs", [])
-        except ValueError:
-            return {}
-        return runs[0] if runs else {}
-
-    def follow(self) -> dict:
-        """Stream the run's log until the SuperLink says it finished; return its record.
-
-        ``flwr log --stream`` ends when the run ends; only then (or if the stream breaks) is the
-        SuperLink asked for the status, since every ``flwr ls`` costs a Python start.
-        """
-        self.log_proc = subprocess.Popen(["flwr", "log", str(self.run_id), "--stream"], env=self.env)
-        stop_sent = None
-        record: dict = {}
-        while True:
-            if self.signal is not None and stop_sent is None:
-                print(f"\npflower-sim: stopping run {self.run_id} (flwr stop); Ctrl-C again to quit at once",
-                      file=sys.stderr, flush=True)
-                subprocess.run(["flwr", "stop", str(self.run_id)], env=self.env, capture_output=True)
-                stop_sent = time.monotonic()
-            if stop_sent is not None and time.monotonic() - stop_sent > STOP_WAIT_S:
-                print(f"pflower-sim: run {self.run_id} did not stop within {STOP_WAIT_S:.0f}s",
-                      file=sys.stderr)
-                break
-            if self.log_proc.poll() is None:  # still streaming: the run goes on
-                time.sleep(0.2)
-                continue
-            record = self.status() or record
-            if str(record.get("status", "")).startswith("finished"):
-                break
-            time.sleep(POLL_S)
-        self._end_log()
-        return record
-
-    def _end_log(self) -> None:
-        if self.log_proc is None:
-            return
-        try:
-            self.log_proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.log_proc.terminate()
-            self.log_proc.wait(timeout=10)
-
-    def on_signal(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
-        if self.signal is not None:  # the second one: quit at once
-            if self.log_proc is not None:
-                self.log_proc.kill()
-            os._exit(128 + signum)
-        self.signal = signum
+    return len(federation.clients), directory, finished_already(cfg, directory)
 
 
 def wait_for_holder(directory: Path, timeout: float) -> None:
@@ -272,20 +193,25 @@ def wait_for_holder(directory: Path, timeout: float) -> None:
 
 
 def outcome(record: dict, directory: Path, signum: int | None) -> int:
-    """The exit status for the run's final record, with the failure's message printed last."""
+    """The exit status for the run's final record, with the failure's message printed last.
+
+    The folder's ``status.json`` decides, so that the exit status and the folder agree: a stop
+    that came after the last round leaves a completed run (exit 0, said so).
+    """
     from task.run.runfolder import read_status, release_dead_lock
 
     wait_for_holder(directory, HOLDER_EXIT_S)
     release_dead_lock(directory)
     status = str(record.get("status", "unknown"))
     folder = read_status(directory) or {}
-    if signum is not None:
-        print(f"pflower-sim: run stopped ({status}); resume it with the same overrides plus "
-              f"resume={directory}", file=sys.stderr)
-        return 128 + signum
     if status == "finished:completed" and folder.get("status") == "completed":
-        print(f"pflower-sim: run completed; results in {directory / 'results.json'}")
+        late = " (the stop came after its last round)" if signum is not None else ""
+        print(f"pflower-sim: run completed{late}; results in {directory / 'results.json'}")
         return 0
+    if signum is not None:
+        print(f"pflower-sim: run stopped ({folder.get('status', status)}); resume it with the same "
+              f"overrides plus resume={directory}", file=sys.stderr)
+        return 128 + signum
     error = folder.get("error") or record.get("status-details") or "see the log above"
     print(f"pflower-sim: run failed ({status}): {error}", file=sys.stderr)
     return 1
@@ -302,7 +228,17 @@ def main(argv: list[str] | None = None) -> int:
                              "`ray start --head` prints; default: $RAY_ADDRESS); see docs/ray_cluster.md")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything; print the flwr command only")
+    parser.add_argument("--stop-superlink", action="store_true",
+                        help="stop the local SuperLink and SuperExec that `flwr run` left running, and exit")
     args = parser.parse_args(argv)
+    if args.stop_superlink:
+        running = local_superlink()
+        if running is None:
+            print("pflower-sim: no local SuperLink is running")
+            return 0
+        stopped = stop_superlink(running[0])
+        print(f"pflower-sim: stopped the local SuperLink and SuperExec (processes {stopped})")
+        return 0
     overrides = join_overrides(args.overrides)
     # Before the door's checks (they build the federation): a run that cannot reach the
     # cluster it names is refused at once.
@@ -312,16 +248,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         overrides = pin_output_dir(overrides)
-        clients, directory = door(overrides)
+        clients, directory, done = door(overrides)
     except (ConfigError, ValueError, OSError, KeyError, RuntimeError) as err:
         print(f"pflower-sim: {err}", file=sys.stderr)
         return 2
+    if done is not None:
+        print(f"pflower-sim: {done}")
+        return 0
     gpus = args.gpus
     if gpus is None:
         import torch
 
         gpus = 0.2 if torch.cuda.is_available() else 0.0
-    command = flwr_command(overrides, clients, args.cpus, gpus)
+    token = ""
+    if not args.dry_run:
+        from task.run.runfolder import claim_at_door
+
+        try:  # the folder is this run's from now on: a second run into it is refused at its door
+            token = claim_at_door(directory)
+        except (OSError, RuntimeError) as err:
+            print(f"pflower-sim: {err}", file=sys.stderr)
+            return 2
+    command = flwr_command(overrides, clients, args.cpus, gpus, token)
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     prefix = ""
     if args.ray_address:
@@ -332,16 +280,23 @@ def main(argv: list[str] | None = None) -> int:
     print("+ " + prefix + shlex.join(command), flush=True)
     if args.dry_run:
         return 0
+    from task.run.runfolder import release_door_claim
+
     run = FlowerRun(command, directory, env)
     previous = {s: signal.signal(s, run.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if run.submit() is None:
             return 1
         record = run.follow()
+        release_door_claim(directory, token)  # a ServerApp that never took the lock over
+        return outcome(record, directory, run.signal)
     finally:
+        release_door_claim(directory, token)
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return outcome(record, directory, run.signal)
+        running = local_superlink()
+        if running is not None:
+            print(f"pflower-sim: note: {superlink_note(running[0])}", file=sys.stderr)
 
 
 if __name__ == "__main__":

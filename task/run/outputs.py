@@ -23,12 +23,26 @@ def default_output_dir(cfg: DictConfig) -> Path:
     return Path("outputs", f"{stamp}-{cfg.strategy.name}-{cfg.dataset.name}").resolve()
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it, racing threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` through ``write(file)`` so that a reader never sees a half-written file:
     into a temporary file in the same directory, then renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; every file of a run folder gets what open() gives
+        # (0666 less the umask), whichever way it was written: one rule for the whole folder.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

@@ -14,10 +14,12 @@ A run claims its output folder before writing anything:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import socket
+import tempfile
 import time
 from logging import WARNING
 from pathlib import Path
@@ -29,8 +31,13 @@ from task.run.outputs import atomic_write_text
 
 LOCK = ".pflower.lock"
 STATUS = "status.json"
+# pflower-sim asks the run to stop by creating this file (the ServerApp looks before every
+# message it sends: the stop acts within a round, not after Flower's own `flwr stop` path).
+STOP = ".pflower.stop"
+# Flower's and Ray's lines of the run, as pflower-sim followed them (task/run/flower_run.py).
+FLOWER_LOG = "flower.log"
 # Files a folder may hold and still count as empty: what a user or a launcher puts there first.
-IGNORED = {".DS_Store", LOCK}
+IGNORED = {".DS_Store", LOCK, STOP, FLOWER_LOG}
 
 
 class RunFolderError(RuntimeError):
@@ -81,10 +88,39 @@ def describe(holder: dict[str, Any]) -> str:
     return f"process {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
 
 
-def check_free(directory: Path, resume: bool) -> None:
-    """Refuse a folder that holds another run (unless resuming it) or is locked by a live run."""
+def _probe_writable(directory: Path) -> None:
+    """Create and remove a file in ``directory``: the only test that answers for ACLs, read-only
+    mounts and root squash alike (``os.access`` does not); raises the OSError."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".pflower-probe-")
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse a folder that is a file, or that this user cannot create or write (checked on the
+    nearest folder that exists), before Flower starts rather than 80 s later inside it."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = f"output_dir={directory}" if existing == directory else f"output_dir={directory}: {existing}"
+        raise RunFolderError(f"{where} is a file, not a folder; choose another output_dir")
+    try:
+        _probe_writable(existing)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise RunFolderError(f"output_dir={directory}: cannot write in {existing} ({reason}); choose a "
+                             "folder this user can write") from None
+
+
+def check_free(directory: Path, resume: bool, handover: str = "") -> None:
+    """Refuse a folder that holds another run (unless resuming it) or is locked by a live run
+    (but for the lock ``pflower-sim`` took for this very run: its ``handover`` token)."""
     directory = Path(directory)
+    check_writable(directory)
     holder = read_lock(directory)
+    if holder is not None and handover and holder.get("token") == handover:
+        holder = None
     if holder is not None and holder_alive(holder):
         raise RunFolderError(f"{directory} is locked by a run in progress: {describe(holder)}; "
                              f"wait for it, stop it, or remove {directory / LOCK} if that process is gone")
@@ -105,19 +141,42 @@ class RunFolder:
     def __init__(self, directory: Path):
         self.dir = Path(directory)
         self.held = False
+        self.launcher: dict[str, Any] = {}
 
-    def claim(self, resume: bool) -> None:
-        """Check the folder is free for this run, then lock it and mark it running."""
-        check_free(self.dir, resume)
+    def stop_requested(self) -> str | None:
+        """Why the run should stop now: pflower-sim asked (``STOP``), or the pflower-sim that
+        launched it is gone (SIGKILL: nobody would follow or stop the run); None: go on."""
+        if (self.dir / STOP).exists():
+            return (self.dir / STOP).read_text().strip() or "stop asked by pflower-sim"
+        pid = self.launcher.get("launcher")
+        if pid and not holder_alive({"host": self.launcher.get("host"), "pid": pid}):
+            return f"pflower-sim (process {pid}) that launched the run is gone"
+        return None
+
+    def claim(self, resume: bool, handover: str = "") -> None:
+        """Check the folder is free for this run, then lock it and mark it running.
+
+        ``handover``: the token of the lock ``pflower-sim`` took at its door for this run; that
+        lock is taken over (the launcher's pid kept as ``launcher``: the run stops if it dies).
+        """
+        check_free(self.dir, resume, handover)
         self.dir.mkdir(parents=True, exist_ok=True)
+        me: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (self.dir / STOP).unlink(missing_ok=True)  # a stop asked of an earlier run of the folder
         stale = read_lock(self.dir)
+        if stale is not None and handover and stale.get("token") == handover:
+            me.update(token=handover, launcher=stale.get("pid"))
+            atomic_write_text(self.dir / LOCK, json.dumps(me))  # a rename: never a moment unlocked
+            self.held = True
+            self.launcher = me
+            self.set_status("running", resumed=resume)
+            return
         if stale is not None:
             log(WARNING, "pflower: taking over the stale lock of %s (that process is gone)", describe(stale))
             (self.dir / LOCK).unlink(missing_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:
-            fd = os.open(self.dir / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(self.dir / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
             raise RunFolderError(f"{self.dir} was just locked by another run: "
                                  f"{describe(read_lock(self.dir) or {})}") from None
@@ -135,6 +194,40 @@ class RunFolder:
         if self.held:
             (self.dir / LOCK).unlink(missing_ok=True)
             self.held = False
+
+
+def claim_at_door(directory: Path) -> str:
+    """Lock the folder for a run ``pflower-sim`` is about to submit; return the handover token
+    the ServerApp presents to take the lock over (``RunFolder.claim``). A second run into the same
+    folder is thus refused at its door, not ~100 s later when its ServerApp starts."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stale = read_lock(directory)
+    if stale is not None and not holder_alive(stale):
+        (directory / LOCK).unlink(missing_ok=True)
+    token = os.urandom(8).hex()
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "token": token}
+    try:
+        fd = os.open(directory / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        raise RunFolderError(f"{directory} is locked by a run in progress: "
+                             f"{describe(read_lock(directory) or {})}; wait for it or stop it") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(me))
+    return token
+
+
+def release_door_claim(directory: Path, token: str) -> None:
+    """Remove the door's lock if no ServerApp took it over (the run was never submitted, or
+    failed before claiming), and the folder if that left it empty (it was made for the run)."""
+    directory = Path(directory)
+    holder = read_lock(directory)
+    if holder is not None and holder.get("token") == token and holder.get("pid") == os.getpid():
+        (directory / LOCK).unlink(missing_ok=True)
+    (directory / STOP).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # only when empty
 
 
 def release_dead_lock(directory: Path) -> bool:

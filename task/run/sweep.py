@@ -108,7 +108,12 @@ def run_jobs(combos: list[list[str]], out: Path) -> tuple[dict[str, list[Path]],
             raise KeyboardInterrupt
         if code != 0 or not completed(job_dir):
             failed.append(job_dir.name)
-            print(f"pflower-sweep: job {job_dir.name} failed (exit {code})", file=sys.stderr, flush=True)
+            # A job refused at pflower-sim's door (exit 2) never got a folder: point at the
+            # message above, not at files that do not exist.
+            where = (f"see {job_dir / 'status.json'} and {job_dir / 'flower.log'}" if read_status(job_dir)
+                     else "refused before it started; its message is above")
+            print(f"pflower-sweep: job {job_dir.name} failed (exit {code}): {where}", file=sys.stderr,
+                  flush=True)
     return groups, failed
 
 
@@ -240,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         write_report(groups, args.out, args.target)
         print((args.out / "tradeoff.md").read_text())
     if failed:
-        print(f"pflower-sweep: {len(failed)} of {len(combos)} jobs failed: {', '.join(failed)} (their "
-              "folders' status.json and logs say why; they are left out of the summary)", file=sys.stderr)
+        print(f"pflower-sweep: {len(failed)} of {len(combos)} jobs failed: {', '.join(failed)} (each "
+              "one's reason is printed above; they are left out of the summary)", file=sys.stderr)
         return 1
     return 0
 
