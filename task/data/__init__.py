@@ -1,0 +1,1 @@
+"""Data: sources on disk, partitioners, the federation in memory, the node cache."""
