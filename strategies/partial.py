@@ -30,6 +30,8 @@ from .client_base import ClientMethod
 # The config key every partial-sharing method declares: the head's module name (null: auto).
 HEAD_KEY = {"head": Field(str, nullable=True)}
 PERSONAL = "personal"  # the personal-state name of the part a client keeps
+# The split of each (head, model) a process has seen (see ``PartialClient.split``).
+_SPLITS: dict[tuple, Split] = {}
 
 
 def configured_head(cfg) -> str | None:
@@ -62,7 +64,12 @@ class PartialClient(ClientMethod):
         return "head" if self.shared == "body" else "body"
 
     def split(self) -> Split:
-        return split_model(self.model("main"), configured_head(self.cfg))
+        """The run's split, found once per process on a model of its own (``self.model`` would
+        reset a slot's weights)."""
+        key = (configured_head(self.cfg), *self._model_key())
+        if key not in _SPLITS:
+            _SPLITS[key] = split_model(self.new_model(), key[0])
+        return _SPLITS[key]
 
     def personal_model(self, received: StateDict, slot: str = "main") -> nn.Module:
         """Shared part from ``received``, kept part from the personal state (the run's initial
