@@ -209,3 +209,30 @@ def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, name):
     for ra, rb in zip(a, b, strict=True):
         assert ra["per_client_accuracy"] == rb["per_client_accuracy"]
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["fedper", "lgfedavg"])
+def test_a_signflip_client_flips_its_update_of_the_shared_part_only(name):
+    from task.threat.clients import train_as_told
+
+    cfg = tiny_cfg(f"strategy={name} attack=signflip")
+    sent = server(cfg).global_state
+    honest = client(cfg, 0).train(sent, {"server-round": 1})
+    bad = train_as_told(client(cfg, 0), sent, {"server-round": 1, "byzantine": True,
+                                                "attack": "signflip", "upload-kind": "model"})
+    assert set(bad.upload) == set(honest.upload) == set(sent)
+    floats = [k for k in sent if sent[k].is_floating_point()]
+    assert all(torch.allclose(bad.upload[k] - sent[k], sent[k] - honest.upload[k], atol=1e-5) for k in floats)
+
+
+@pytest.mark.parametrize(("name", "attack", "aggregator"), [("fedrep", "alie", "median"),
+                                                            ("apfl", "ipm", "trimmed_mean")])
+def test_server_side_attacks_and_robust_aggregators_run_on_the_shared_part(name, attack, aggregator):
+    extra = (f"strategy={name} attack={attack} attack.fraction=0.25 aggregator={aggregator} "
+             f"{FAST.get(name, '')}")
+    st = engine(tiny_cfg(extra))
+    rows: list[dict] = []
+    st.start(FakeGrid(4, f"{TINY} {extra}"), num_rounds=1, timeout=60, on_round=rows.append)
+    row = rows[-1]
+    assert row["rejected_replies"] == 0 and row["byzantine_clients"] == st.byzantine and st.byzantine
+    assert len(row["per_client_accuracy"]) == 4 and 0.0 <= row["personalized_accuracy"]["mean"] <= 1.0
