@@ -1,7 +1,8 @@
 """The baselines side by side on one federation, in-process: docs/baselines.md's table.
 
     python bench/baselines.py --rounds 20 --seeds 0 1 --out /tmp/baselines
-    python bench/baselines.py --methods fedavg fedper --rounds 2 --extra "dataset.image_size=16"
+    python bench/baselines.py --methods fedavg fedrep --rounds 2 --extra "dataset.image_size=16" \
+        --set fedrep:strategy.head_epochs=2
 
 Each run is the real ServerApp round loop and ClientApp handlers over the in-process grid
 (tests/fake_grid.py), one node per client: the handlers ``flwr run`` calls, without Ray's
@@ -54,6 +55,8 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--clients", type=int, default=10, help="the federation's client count")
     parser.add_argument("--extra", default="", help="overrides for every run")
+    parser.add_argument("--set", nargs="*", default=[], metavar="METHOD:OVERRIDES",
+                        help="overrides for one method's runs, e.g. 'fedrep:strategy.head_epochs=5'")
     parser.add_argument("--out", type=Path, default=Path("/tmp/pflower-baselines"))
     parser.add_argument("--table", action="store_true", help="only print the table of <out>/runs.jsonl")
     args = parser.parse_args()
@@ -66,10 +69,12 @@ def main() -> int:
             row(name, [d for d in done if d["method"] == name])
         return 0
     runner = InProcessRunner(args.out)
+    own = dict(item.split(":", 1) for item in args.set)
     for name in args.methods:
         got = []
         for seed in args.seeds:
-            overrides = f"strategy={name} num_rounds={args.rounds} seed={seed} {args.extra}"
+            overrides = (f"strategy={name} num_rounds={args.rounds} seed={seed} {args.extra} "
+                         f"{own.get(name, '')}").strip()
             got.append({"method": name, "seed": seed, "overrides": overrides,
                         **one_run(runner, f"{name}-seed{seed}", overrides, args.clients)})
             with log.open("a") as f:
