@@ -30,6 +30,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "fedbabu": ("fedbabu", "FedBABU", "FedBABUClient"),
     "lgfedavg": ("lgfedavg", "LGFedAvg", "LGFedAvgClient"),
     "apfl": ("apfl", "APFL", "APFLClient"),
+    "fedrod": ("fedrod", "FedRoD", "FedRoDClient"),
 }
 
 
