@@ -31,6 +31,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "lgfedavg": ("lgfedavg", "LGFedAvg", "LGFedAvgClient"),
     "apfl": ("apfl", "APFL", "APFLClient"),
     "fedrod": ("fedrod", "FedRoD", "FedRoDClient"),
+    "fml": ("fml", "FML", "FMLClient"),
 }
 
 

@@ -1,4 +1,4 @@
-"""FedRoD: the balanced softmax, one step of both heads against a hand computation, the round loop."""
+"""FedRoD and FML: their losses and one step against hand computations, and the round loop."""
 
 from __future__ import annotations
 
@@ -63,3 +63,36 @@ def test_round_loop_learns_above_chance_and_the_personal_head_adds_to_the_generi
     assert last["rejected_replies"] == 0 and 0.3 < last["personalized_accuracy"]["mean"] <= 1
     assert last["global_accuracy"] is not None
     assert last["personalized_accuracy"]["mean"] != last["global_accuracy"]
+
+
+# --- FML (strategies/fml.py) ------------------------------------------------------------
+def test_fml_losses_against_their_formula():
+    from strategies.fml import fml_losses
+
+    z_l = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    z_m = torch.tensor([[0.5, 0.5, 0.0], [1.0, -1.0, 0.5]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    p_l, p_m = z_l.softmax(1), z_m.softmax(1)
+    kl_m_l = float((p_m * (p_m.log() - p_l.log())).sum(1).mean())  # KL(p_meme || p_local)
+    kl_l_m = float((p_l * (p_l.log() - p_m.log())).sum(1).mean())
+    ce_l, ce_m = float(F.cross_entropy(z_l, y)), float(F.cross_entropy(z_m, y))
+    local, meme = fml_losses(z_l, z_m, y, 0.3, 0.8)
+    assert float(local) == pytest.approx(0.3 * ce_l + 0.7 * kl_m_l, rel=1e-5)
+    assert float(meme) == pytest.approx(0.8 * ce_m + 0.2 * kl_l_m, rel=1e-5)
+    mean_local, _ = fml_losses(z_l, z_m, y, 0.3, 0.8, "mean")  # torch's KLDivLoss() default
+    assert float(mean_local) == pytest.approx(0.3 * ce_l + 0.7 * kl_m_l / 3, rel=1e-5)
+    # The peer is detached: L_local sends no gradient into the meme's logits.
+    local.backward()
+    assert z_m.grad is None and z_l.grad is not None
+
+
+def test_fml_round_loop_learns_above_chance_and_keeps_the_local_model():
+    overrides = f"{TINY} strategy=fml local_epochs=2"
+    st = engine(tiny_cfg("strategy=fml local_epochs=2"))
+    rows: list[dict] = []
+    grid = FakeGrid(4, overrides)
+    st.start(grid, num_rounds=2, timeout=60, on_round=rows.append)
+    last = rows[-1]
+    assert last["rejected_replies"] == 0 and 0.3 < last["personalized_accuracy"]["mean"] <= 1
+    assert last["global_accuracy"] is not None
+    assert any(k.endswith("personal") for k in grid.contexts[100].state.array_records)
