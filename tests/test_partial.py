@@ -236,3 +236,10 @@ def test_server_side_attacks_and_robust_aggregators_run_on_the_shared_part(name,
     row = rows[-1]
     assert row["rejected_replies"] == 0 and row["byzantine_clients"] == st.byzantine and st.byzantine
     assert len(row["per_client_accuracy"]) == 4 and 0.0 <= row["personalized_accuracy"]["mean"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["fedper", "fedbabu", "apfl"])
+def test_a_validation_split_is_scored_for_the_reported_round_selection(name):
+    cfg = tiny_cfg(f"strategy={name} partition.val_fraction=0.25 {FAST.get(name, '')}")
+    scores = client(cfg, 0).evaluate(server(cfg).eval_arrays(0), {"server-round": 1})
+    assert 0.0 <= scores["validation_accuracy"] <= 1.0
