@@ -25,6 +25,13 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "pfml": ("pfml", "PFML", "PFMLClient"),
     "fedclup": ("fedclup", "FedCLUP", "FedCLUPClient"),
     "fedslr": ("fedslr", "FedSLR", "FedSLRClient"),
+    "fedper": ("fedper", "FedPer", "FedPerClient"),
+    "fedrep": ("fedrep", "FedRep", "FedRepClient"),
+    "fedbabu": ("fedbabu", "FedBABU", "FedBABUClient"),
+    "lgfedavg": ("lgfedavg", "LGFedAvg", "LGFedAvgClient"),
+    "apfl": ("apfl", "APFL", "APFLClient"),
+    "fedrod": ("fedrod", "FedRoD", "FedRoDClient"),
+    "fml": ("fml", "FML", "FMLClient"),
 }
 
 

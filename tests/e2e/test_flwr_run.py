@@ -21,7 +21,8 @@ from .conftest import TINY
 
 pytestmark = pytest.mark.slow
 
-BASELINES = ["fedavg", "fedavg_ft", "fedprox", "fedbn", "local", "ditto"]
+BASELINES = ["fedavg", "fedavg_ft", "fedprox", "fedbn", "local", "ditto", "fedper", "fedrep", "fedbabu",
+             "lgfedavg", "apfl", "fedrod", "fml"]
 
 
 def check_outputs(out: Path, results: dict, strategy: str) -> None:
