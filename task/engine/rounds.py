@@ -58,6 +58,15 @@ def sample_size(cfg, num_clients: int) -> int:
     return max(1, min(num_clients, round(float(cfg.fraction_train) * num_clients)))
 
 
+def draw_clients(rng: np.random.Generator, cfg, num_clients: int) -> list[int]:
+    """One round's sample from the run's generator (the door replays it for a resume)."""
+    if cfg.get("participation", "fixed") == "bernoulli":
+        drawn = rng.random(num_clients) < float(cfg.fraction_train)
+        return [int(c) for c in np.flatnonzero(drawn)]
+    size = sample_size(cfg, num_clients)
+    return sorted(int(c) for c in rng.choice(num_clients, size=size, replace=False))
+
+
 class Engine(Strategy):
     """Runs ``method``'s rounds over a Flower ``Grid``."""
 
@@ -246,11 +255,7 @@ class Engine(Strategy):
         """Client ids sampled for training this round (seeded, method-independent): a fixed
         count without replacement, or each client independently with probability
         ``fraction_train`` (``participation=bernoulli``)."""
-        if self.cfg.get("participation", "fixed") == "bernoulli":
-            drawn = self.rng.random(self.num_clients) < float(self.cfg.fraction_train)
-            return [int(c) for c in np.flatnonzero(drawn)]
-        size = sample_size(self.cfg, self.num_clients)
-        return sorted(int(c) for c in self.rng.choice(self.num_clients, size=size, replace=False))
+        return draw_clients(self.rng, self.cfg, self.num_clients)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

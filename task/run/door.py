@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from task.core.models import build_model
 from task.data.federation import Federation
 from task.engine.checkpoint import CHECKPOINT, CHECKPOINT_META
+from task.engine.rounds import draw_clients
 from task.run.combinations import check_combination, uploads_per_round
 from task.run.config import ConfigError
 from task.run.outputs import default_output_dir
@@ -161,7 +162,7 @@ def last_trained_rounds(cfg: DictConfig, meta: dict, rows: list[dict], num_clien
              and not r.get("rejected_replies") and not r.get("late_replies") and not r.get("missing_clients")}
     last: dict[int, int] = {}
     for server_round in range(1, int(meta["round"]) + 1):
-        for cid in rng.choice(num_clients, size=sample_size(cfg, num_clients), replace=False):
+        for cid in draw_clients(rng, cfg, num_clients):
             if server_round in clean:
                 last[int(cid)] = server_round
     return last if rng.bit_generator.state == meta.get("rng") else {}
