@@ -78,7 +78,7 @@ def test_node_disk_cache_holds_the_same_config_and_the_served_partitions(tmp_pat
             assert torch.equal(getattr(served.clients[cid], name), getattr(full.clients[cid], name))
     # A changed config, or changed code that builds the data, is another key: no stale read.
     assert cached_config(f"{overrides} seed=7", cache).seed == 7
-    monkeypatch.setattr(node_cache, "DATA_CODE", ("data.py",))
+    monkeypatch.setattr(node_cache, "DATA_CODE", ("data/load.py",))
     node_federation(first, device, cache, lambda n: hosted_clients(1, 2, n))
     assert len(list(cache.glob("data-*.pt"))) == 2
 

@@ -184,7 +184,9 @@ def test_partial_methods_send_only_what_they_share(runs, name):
     kept_bytes = to_record(kept).count_bytes()
     for row, avg in zip(rows, fedavg_rows, strict=True):
         assert avg["bytes_up"] - row["bytes_up"] == 4 * kept_bytes  # 4 uploads
-        assert avg["bytes_down"] - row["bytes_down"] == 8 * kept_bytes  # 4 train + 4 evaluate
+        assert avg["bytes_down"] - row["bytes_down"] == 4 * kept_bytes  # 4 train messages
+        evaluated = 4 * kept_bytes if avg["eval_bytes_down"] else 0  # 4 evaluate messages
+        assert avg["eval_bytes_down"] - row["eval_bytes_down"] == evaluated
 
 
 @pytest.mark.parametrize("name", ["fedrep", "apfl"])
