@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=40)
+    parser.add_argument("--extra", default="", help="more overrides for every job (e.g. model.hidden=64)")
     args = parser.parse_args()
     modes, attacks = args.modes.split(","), args.attacks.split(",")
     lrs, momenta = args.lrs.split(","), args.momenta.split(",")
@@ -91,9 +92,10 @@ def main() -> None:
         if rows_of(out) is not None:
             continue
         overrides = (f"{BASE} {MODES[mode]} partition.num_clients={args.clients} num_rounds={args.rounds} "
-                     f"lr={lr} momentum={mom} seed={seed} attack={attack}")
+                     f"lr={lr} momentum={mom} seed={seed} attack={attack} {args.extra}")
         print(f"{out.name}: {run_job(overrides, out, args.clients):.0f} s", flush=True)
-    print(f"\n{BASE} num_rounds={args.rounds}; seeds {seeds}; mean over seeds\n")
+    print(f"\n{BASE} partition.num_clients={args.clients} num_rounds={args.rounds} {args.extra}; "
+          f"seeds {seeds}; mean over seeds\n")
     print("| mode | lr | momentum | attack-free acc | signflip acc | change (points) | round-1 ARI | final ARI |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, lr, mom in itertools.product(modes, lrs, momenta):
