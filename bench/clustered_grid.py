@@ -69,11 +69,13 @@ def summary(root: Path, mode: str, lr: str, momentum: str, seeds: list[int]) -> 
     def m(xs):
         return statistics.mean(xs)
     return (f"| {mode} | {lr} | {momentum} | {m(acc0):.3f} (ARI {m(free_ari):.2f}) | {m(acc1):.3f} | "
-            f"{m(drops):+.1f} (worst {min(drops):+.1f}) | {m(ari1):.2f} | {m(ari):.2f} (min {min(ari):.2f}) |")
+            f"{m(drops):+.1f} (worst {min(drops):+.1f}) | {m(ari1):.2f} | "
+            f"{m(ari):.2f} (min {min(ari):.2f}) |")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "sweeps" / "clustered_grid")
     parser.add_argument("--modes", default="paper,robust")
     parser.add_argument("--attacks", default="none,signflip")
@@ -96,7 +98,8 @@ def main() -> None:
         print(f"{out.name}: {run_job(overrides, out, args.clients):.0f} s", flush=True)
     print(f"\n{BASE} partition.num_clients={args.clients} num_rounds={args.rounds} {args.extra}; "
           f"seeds {seeds}; mean over seeds\n")
-    print("| mode | lr | momentum | attack-free acc | signflip acc | change (points) | round-1 ARI | final ARI |")
+    print("| mode | lr | momentum | attack-free acc | signflip acc | change (points) | round-1 ARI "
+          "| final ARI |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, lr, mom in itertools.product(modes, lrs, momenta):
         print(summary(args.out, mode, lr, mom, seeds))
