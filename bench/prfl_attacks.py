@@ -27,12 +27,15 @@ COMMON = ("dataset=mnist5k model=mlp model.hidden=200 lr=0.02 momentum=0.9 batch
           "attack.fraction=0.2 client_threads=1")
 PARTITIONS = {"relabel": "partition=relabel partition.num_clusters=4", "iid": "partition=iid"}
 METHODS = {
-    "clustered": "strategy=clustered",
-    "clustered_per_client": "strategy=clustered_per_client",
+    "clustered": "strategy=clustered strategy.mode=robust",
+    "clustered_paper": "strategy=clustered strategy.mode=paper",
+    "clustered_per_client": "strategy=clustered_per_client strategy.mode=robust",
+    "clustered_per_client_paper": "strategy=clustered_per_client strategy.mode=paper",
     "fedavg": "strategy=fedavg",
     "ifca": "strategy=ifca",
     "local": "strategy=local",
     "oracle": "strategy=clustered strategy.oracle=true",
+    "oracle_tc": "strategy=clustered strategy.mode=robust strategy.oracle=tc",
 }
 ATTACKS = ("none", "gaussian", "bitflip", "signflip", "labelflip", "alie", "ipm")
 
@@ -91,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "sweeps" / "prfl_attacks")
-    parser.add_argument("--methods", default="clustered,oracle,fedavg")
+    parser.add_argument("--methods", default="clustered_paper,clustered,oracle,fedavg")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--partition", choices=sorted(PARTITIONS), default="relabel",
                         help="relabel: K = 4 label-permuted clusters; iid: one population (shows "

@@ -10,7 +10,9 @@ Threshold clustering (``task.algorithms.robust.threshold_clustering``):
                             v <- (1/n) sum_j (u_j if d_j <= tau else v)
     tau = 0.99 * d_(floor(n q))   (``strategy.quantile`` q, ``strategy.tc_iterations`` R)
 
-``strategy.mode=paper`` (the default): the paper's federated clustering. K cluster models x_k,
+``strategy.mode=paper``: the paper's federated clustering (not the default: on a relabel
+federation at pflower's defaults its random lazy initialisation merged clusters in every seed,
+ARI 0.5-0.75 attack-free, see docs/clustered.md). K cluster models x_k,
 centres v_k and cluster momenta m_k on the server; client i is assigned to a_i. Round t:
 
 1. client i in S_t trains x_{a_i} (E local epochs) and uploads its update u_i = x_i - x_{a_i};
@@ -23,7 +25,7 @@ Round 1 (all K models still the same): the centres start at K of the round's upd
 the seed (the authors' ``init="lazy"``, worker updates as initial centres), a_i is the nearest
 of them, and step 2 runs from there.
 
-``strategy.mode=robust``: pflower's additions, none of them the paper's or the authors'. Each is
+``strategy.mode=robust`` (the default): pflower's additions, none of them the paper's or the authors'. Each is
 a key of its own (null: the mode's value; set it to turn the defence on or off in either mode):
 
 - ``worker_momentum`` beta_w (robust 0.9, paper 0): clients upload m_i / (1 - beta_w^s),
@@ -96,7 +98,7 @@ def setting(strategy: Any, key: str) -> Any:
     if strategy.get("oracle") is True and key in ("worker_momentum", "tc_momentum"):
         return 0.0
     value = strategy.get(key)
-    return MODES[str(strategy.get("mode", "paper"))][key] if value is None else value
+    return MODES[str(strategy.get("mode", "robust"))][key] if value is None else value
 
 
 def float_entries(state: StateDict) -> StateDict:

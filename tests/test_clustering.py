@@ -193,3 +193,10 @@ def test_tc_reports_which_rows_it_kept():
     X = torch.tensor([[0.0], [0.1], [0.2], [5.0]])
     result = robust.threshold_clustering(X, torch.tensor([0.1]), 0.5, 1)
     assert result.kept.tolist() == [False, True, False, False] and result.discarded == 3  # tau .99 x .1
+
+
+def test_prfl_mnist_fc_preset_is_the_authors_fc_row():
+    cfg = compose_config("+experiment=prfl_mnist_fc")
+    assert cfg.strategy.name == "clustered_per_client" and cfg.strategy.groups == 15
+    assert (cfg.strategy.tc_iterations, cfg.strategy.quantile, cfg.strategy.tc_momentum) == (3, 0.2, 0.9)
+    assert (cfg.lr, cfg.momentum, cfg.batch_size, cfg.num_rounds) == (0.1, 0.0, 1000, 50)
