@@ -1,6 +1,6 @@
 """Every method under every attack and every aggregator: one in-process round each (the real
 round engine and ClientApp handlers), or a refusal at the door that says why. Slow-marked
-(169 rounds, ~2 s each on 2 cores); CI runs it.
+(13 rounds a method, ~1-2 s each on 2 cores); CI runs it.
 
 A new method is in the matrix as soon as it is registered."""
 
@@ -36,6 +36,8 @@ REFUSED = {
 }
 
 
+# Attacks whose round is also evaluated (the others test training and aggregation only).
+EVALUATED = ("gaussian", "ipm")
 # Per method, what makes its one round cheap without changing what it exercises.
 LIGHT = {"pfml": "strategy.K=1 strategy.local_iterations=2"}
 
@@ -71,7 +73,7 @@ def check(method: str, extra: str, key: tuple[str, str], evaluate: bool) -> None
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.slow
 def test_every_method_under_every_attack(method, attack):
-    check(method, f"attack={attack}", (method, attack), evaluate=True)
+    check(method, f"attack={attack}", (method, attack), evaluate=attack in EVALUATED)
 
 
 @pytest.mark.parametrize("aggregator", [g for g in AGGREGATORS if g != "mean"])
