@@ -175,7 +175,7 @@ def test_a_sweep_job_refused_at_the_door_is_not_pointed_at_a_folder(capsys, monk
     monkeypatch.setattr(launch, "main", lambda arguments: 2)
     _, failed = sweep.run_jobs([["lr=0.1"]], tmp_path)
     err = capsys.readouterr().err
-    assert failed == ["lr-0.1"] and "refused before it started; its message is above" in err
+    assert failed == ["lr-0.1"] and "it never started, so it has no folder; its message is above" in err
     assert "status.json" not in err
 
 
