@@ -27,6 +27,7 @@ from task.run.outputs import RunOutputs
 from task.run.runfolder import RunFolder
 
 app = ServerApp()
+STOP_LINGER_S = 30.0
 
 
 def progress_line(row: dict, num_rounds: int) -> str:
@@ -108,6 +109,11 @@ def main(grid: Grid, context: Context) -> None:
         # Flower's eyes, and the folder says it stopped (resumable).
         folder.set_status("stopped", detail=f"{stop}; resume it with resume=<dir>")
         log(INFO, "pflower: run stopped (%s); the checkpoint of the last finished round is kept", stop)
+        folder.release()
+        if handover and folder.launcher_alive():
+            # pflower-sim sends `flwr stop` on seeing the folder stopped; waiting for it here lets
+            # the SuperLink record the run as stopped (a returning ServerApp reads as completed).
+            time.sleep(STOP_LINGER_S)
         return
     except BaseException as err:
         # One line: a status.json is read by people and scripts; the traceback is in the log.

@@ -61,8 +61,8 @@ def test_a_corrupted_gz_file_is_named(capsys, tmp_path):
     raw.mkdir(parents=True)
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
-        whole = bytearray(gzip.compress(os.urandom(4000), compresslevel=1))
-        whole[20:60] = b"\xff" * 40  # inside the deflate stream: zlib.error, not BadGzipFile
+        whole = bytearray(gzip.compress(bytes(range(256)) * 40, mtime=0))
+        whole[20] ^= 0xFF  # a bad distance code in the deflate stream: zlib.error, not BadGzipFile
         (raw / f"{name}.gz").write_bytes(bytes(whole))
     err = refused(capsys, "dataset=mnist", f"dataset.data_root={tmp_path}", "dataset.download=false",
                   "partition=iid")

@@ -175,5 +175,24 @@ def test_a_sweep_job_refused_at_the_door_is_not_pointed_at_a_folder(capsys, monk
     monkeypatch.setattr(launch, "main", lambda arguments: 2)
     _, failed = sweep.run_jobs([["lr=0.1"]], tmp_path)
     err = capsys.readouterr().err
-    assert failed == ["lr-0.1"] and "refused before it started; its message is above" in err
+    assert failed == ["lr-0.1"] and "it never started, so it has no folder; its message is above" in err
     assert "status.json" not in err
+
+
+def test_a_superlink_started_in_another_checkout_is_refused(capsys, monkeypatch, tmp_path):
+    other = tmp_path / "checkout-a"  # what Ray would put first on every ClientApp's sys.path
+    other.mkdir()
+    (other / "client_app.py").write_text("raise SystemExit('checkout A ran')\n")
+    link = subprocess.Popen(["sleep", "60"], cwd=other)
+    try:
+        monkeypatch.setattr(launch, "local_superlink", lambda: (link.pid, None))
+        monkeypatch.setattr(flower_run.FlowerRun, "submit", lambda run: pytest.fail("submitted"))
+        assert launch.main([TINY]) == 2
+        err = capsys.readouterr().err
+        assert f"(pid {link.pid}) runs in {other}, which holds client_app.py" in err
+        assert "--stop-superlink" in err and len(err.strip().splitlines()) == 1
+        monkeypatch.setattr(launch, "ROOT", other)  # a SuperLink started in this very checkout
+        assert launch.superlink_code_problem() is None
+    finally:
+        link.kill()
+        link.wait()

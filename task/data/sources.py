@@ -140,7 +140,7 @@ def _unpack_gz(raw: Path) -> None:
 
 def _relaxed(cls: type) -> type:
     """A subclass of a torchvision dataset that checks local files exist, not their MD5 sums."""
-    attrs: dict[str, Any] = {}  # (CIFAR's batches are read by _read_cifar_batch, not torchvision)
+    attrs: dict[str, Any] = {}  # (CIFAR's batches are read by _read_cifar_batch instead)
     if hasattr(cls, "split_list"):
         attrs["split_list"] = {k: [v[0], v[1], None] for k, v in cls.split_list.items()}
     if not attrs:  # MNIST's classes check existence only (and name their folder by class name)
@@ -195,8 +195,7 @@ def load_mnist_like(name: str, root: Path, download: bool) -> Source:
 
 
 def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, list[int]]:
-    """One CIFAR python batch, read with the restricted unpickler (``task.data.safe_pickle``):
-    images (N, 32, 32, 3) uint8, labels."""
+    """One CIFAR python batch, by the restricted unpickler: images (N, 32, 32, 3) uint8, labels."""
     try:
         batch = safe_pickle.load(path, encoding="latin1")
         images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)

@@ -6,8 +6,9 @@
   (``PR_SET_PDEATHSIG``): a SIGKILL of pflower-sim leaves no orphan following the log.
 - The stop: Ctrl-C / SIGTERM creates ``<run folder>/.pflower.stop``, which the ServerApp reads
   before every message it sends (``server_app.WatchedGrid``): the run stops within a round,
-  keeping the last finished round's checkpoint. ``flwr stop`` follows only if the ServerApp
-  has not ended ``STOP_GRACE_S`` later. A ServerApp whose pflower-sim is gone (SIGKILL) stops
+  keeping the last finished round's checkpoint. ``flwr stop`` follows once the folder says
+  ``stopped`` (so that the SuperLink's record agrees), or ``STOP_GRACE_S`` later if it never
+  does. A ServerApp whose pflower-sim is gone (SIGKILL) stops
   the same way by itself.
 - What stays: ``flwr run`` starts a local SuperLink and its SuperExec processes and leaves them
   running for the next run; ``superlink_note`` says so, ``stop_superlink`` stops them
@@ -28,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from task.run.runfolder import FLOWER_LOG, STOP
+from task.run.runfolder import FLOWER_LOG, STOP, read_status
 
 POLL_S = 2.0
 STOP_GRACE_S = 30.0  # then `flwr stop`: a ServerApp stuck in one long wait does not see the file
@@ -131,7 +132,11 @@ class FlowerRun:
             if self.signal is not None and asked is None:
                 self.request_stop()
                 asked = time.monotonic()
-            if asked is not None and flwr_stopped is None and time.monotonic() - asked > STOP_GRACE_S:
+            # The ServerApp has stopped (status.json says so): `flwr stop` now, so that the
+            # SuperLink's record says stopped too, not the completed a returning ServerApp leaves.
+            if asked is not None and flwr_stopped is None and (
+                    time.monotonic() - asked > STOP_GRACE_S
+                    or (read_status(self.directory) or {}).get("status") == "stopped"):
                 subprocess.run(["flwr", "stop", str(self.run_id)], env=self.env, capture_output=True)
                 flwr_stopped = time.monotonic()
             if asked is not None and time.monotonic() - asked > STOP_WAIT_S:

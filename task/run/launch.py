@@ -117,6 +117,35 @@ def _option(args: list[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args[:-1] else None
 
 
+APP_FILES = ("client_app.py", "server_app.py")
+
+
+def superlink_code_problem() -> str | None:
+    """Why the local SuperLink would run other code than the submitted app (None: it would not).
+
+    Ray adds its driver's working directory to every worker's ``sys.path``
+    (``ray/_private/worker.py``: ``job_config._py_driver_sys_path``), ahead of the installed FAB;
+    the driver is the SuperLink's simulation process, whose working directory is the SuperLink's,
+    which is that of the ``flwr run`` that started it. A SuperLink started in another checkout
+    therefore makes every ClientApp import *that* checkout's ``client_app.py`` (and ``task/``,
+    ``strategies/``) while the ServerApp runs the submitted FAB.
+    """
+    running = local_superlink()
+    if running is None:
+        return None
+    pid = running[0]
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd")).resolve()
+    except OSError:
+        return None
+    shadows = [f for f in APP_FILES if (cwd / f).exists()]
+    if not shadows or cwd == ROOT:
+        return None
+    return (f"the local SuperLink (pid {pid}) runs in {cwd}, which holds {shadows[0]}: Ray puts that folder "
+            f"first on every ClientApp's sys.path, so the ClientApps would run its code, not this checkout's "
+            f"({ROOT}); stop it with `pflower-sim --stop-superlink` and run again")
+
+
 def ray_address_problem(wanted: str | None) -> str | None:
     """Why the run would not reach the Ray cluster ``wanted`` (None: it will, or none is wanted).
 
@@ -242,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = join_overrides(args.overrides)
     # Before the door's checks (they build the federation): a run that cannot reach the
     # cluster it names is refused at once.
-    problem = None if args.dry_run else ray_address_problem(args.ray_address)
+    problem = None if args.dry_run else ray_address_problem(args.ray_address) or superlink_code_problem()
     if problem is not None:
         print(f"pflower-sim: {problem}", file=sys.stderr)
         return 2

@@ -148,10 +148,14 @@ class RunFolder:
         launched it is gone (SIGKILL: nobody would follow or stop the run); None: go on."""
         if (self.dir / STOP).exists():
             return (self.dir / STOP).read_text().strip() or "stop asked by pflower-sim"
-        pid = self.launcher.get("launcher")
-        if pid and not holder_alive({"host": self.launcher.get("host"), "pid": pid}):
-            return f"pflower-sim (process {pid}) that launched the run is gone"
+        if self.launcher.get("launcher") and not self.launcher_alive():
+            return f"pflower-sim (process {self.launcher['launcher']}) that launched the run is gone"
         return None
+
+    def launcher_alive(self) -> bool:
+        """Whether the pflower-sim whose door lock this run took over still runs."""
+        pid = self.launcher.get("launcher")
+        return bool(pid) and holder_alive({"host": self.launcher.get("host"), "pid": pid})
 
     def claim(self, resume: bool, handover: str = "") -> None:
         """Check the folder is free for this run, then lock it and mark it running.

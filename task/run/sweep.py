@@ -111,7 +111,7 @@ def run_jobs(combos: list[list[str]], out: Path) -> tuple[dict[str, list[Path]],
             # A job refused at pflower-sim's door (exit 2) never got a folder: point at the
             # message above, not at files that do not exist.
             where = (f"see {job_dir / 'status.json'} and {job_dir / 'flower.log'}" if read_status(job_dir)
-                     else "refused before it started; its message is above")
+                     else "it never started, so it has no folder; its message is above")
             print(f"pflower-sweep: job {job_dir.name} failed (exit {code}): {where}", file=sys.stderr,
                   flush=True)
     return groups, failed

@@ -29,18 +29,20 @@ def _flwr_status(env: dict, log: str) -> list[str]:
 
 
 def test_a_sweep_with_a_failing_job_exits_1_and_reports_only_the_completed_one(flwr_runner, tmp_path):
-    # lr=1e30 passes the door (finite) and fails late: every reply is non-finite and rejected.
-    proc = subprocess.run(["pflower-sweep", TINY, "strategy=fedavg", "num_rounds=1", "lr=0.05,1e30",
+    # round_timeout=0.001 passes the door and fails late: every reply comes after the round's
+    # deadline, so no round aggregates (lr=1e30, used before, is refused at the door: issue 24).
+    proc = subprocess.run(["pflower-sweep", TINY, "strategy=fedavg", "num_rounds=1",
+                           "round_timeout=600,0.001",
                            "--out", str(tmp_path)], env=flwr_runner.env, capture_output=True, text=True,
                           cwd=ROOT, timeout=400)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    failed = next(d for d in tmp_path.iterdir() if d.name.endswith("lr-1eplus30"))
+    failed = next(d for d in tmp_path.iterdir() if d.name.endswith("round_timeout-0.001"))
     status = read_status(failed)
     assert status["status"] == "failed" and "no round aggregated" in status["error"]
     assert "run failed (finished:failed): RuntimeError: no round aggregated" in proc.stderr
     assert "1 of 2 jobs failed" in proc.stderr.strip().splitlines()[-1]
     summary = (tmp_path / "summary.md").read_text()
-    assert "lr=0.05" in summary and "1e30" not in summary and "1e+30" not in summary
+    assert "round_timeout=600" in summary and "0.001" not in summary
     assert sorted(_flwr_status(flwr_runner.env, proc.stdout)) == ["finished:completed", "finished:failed"]
 
 
