@@ -112,8 +112,17 @@ def _run_one_round(name: str, kind: str | None):
     return st, row, honest
 
 
-@pytest.mark.parametrize("kind", sorted(MALFORMED))
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# Validation is the engine's, the same for every method but for the spec a method expects:
+# every kind for these methods (each kind of upload: models, updates, float entries, bundles,
+# a factorised downlink, a shared part, an interpolation), a few kinds for the others.
+EVERY_KIND = {"clustered", "clustered_per_client", "ditto", "fedavg", "fedavg_ft", "fedbn", "fedclup",
+              "fedprox", "fedslr", "ifca", "lgmix", "local", "pfml", "fedper", "apfl"}
+FEW_KINDS = ("nan", "missing_key", "extra_key", "client_raised")
+CASES = [(name, kind) for name in sorted(REGISTRY) for kind in sorted(MALFORMED)
+         if name in EVERY_KIND or kind in FEW_KINDS]
+
+
+@pytest.mark.parametrize("name,kind", CASES)
 def test_malformed_reply_is_dropped_and_the_aggregate_is_that_of_the_valid_ones(name, kind):
     if name == "local" and kind not in {"extra_key", "missing_arrays_record", "missing_metrics_record",
                                         "negative_num_examples", "zero_num_examples", "client_raised",
