@@ -176,6 +176,7 @@ def run_task(endpoint: Endpoint, token: str) -> dict[str, float]:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
         marks["pull"] = time.perf_counter()
+        log(INFO, "pflower worker: running %s message of run %d", message.metadata.message_type, run.run_id)
         install_from_fab(fab.content, skip_prompt=True)  # a no-op once this FAB is installed
         load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
         reply = load(run.fab_id, run.fab_version, fab.hash_str)(message=message, context=context)
@@ -266,7 +267,7 @@ def serve(endpoint: Endpoint, secret: bytes | None) -> None:
                 stages = run_task(endpoint, token)
             finally:
                 _in_task = False
-            log(INFO, "pflower worker: task of run %d done in %.2f s (%.2f s CPU): %s", loaded_run,
+            log(INFO, "pflower worker: done in %.2f s (%.2f s CPU): %s",
                 time.perf_counter() - begun, time.process_time() - cpu,
                 ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
         except TaskAbandoned:
