@@ -100,10 +100,12 @@ def restore(saved: dict) -> list[str]:
 
 # --- the daemon -----------------------------------------------------------------------------------
 class Dockerd:
-    """A Docker daemon of our own under ``root`` (socket ``root/docker.sock``)."""
+    """A Docker daemon of our own: socket and run state under ``root`` (a short path: a socket's
+    name is limited to 107 bytes), images and layers in ``data`` (default: the cache, so that a
+    second run finds its base image and build layers)."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, data: Path = CACHE / "docker-data"):
+        self.root, self.data = root, data
         self.sock = root / "docker.sock"
         self.proc: subprocess.Popen | None = None
         self.saved: dict = {}
@@ -118,7 +120,7 @@ class Dockerd:
         self.saved = network_state()
         log = (self.root / "dockerd.log").open("ab")
         self.proc = subprocess.Popen(
-            ["dockerd", "--host", f"unix://{self.sock}", "--data-root", str(self.root / "data"),
+            ["dockerd", "--host", f"unix://{self.sock}", "--data-root", str(self.data),
              "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
              "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false",
              "--bridge=none"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
