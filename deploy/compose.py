@@ -90,7 +90,8 @@ def gpu_overlay(nodes: int, gpus: int = 1) -> dict:
     return {"services": {f"supernode-{i}": {"deploy": device(i)} for i in range(nodes)}}
 
 
-def compose_text(nodes: int, gpu: bool = False, gpus: int = 1, context: str = "..") -> str:
+def compose_text(nodes: int, gpu: bool = False, gpus: int = 1, context: str = "..",
+                 isolation: str = "process") -> str:
     """The text of docker/compose.yaml (``gpu``: docker/gpu.yaml): a header, then the YAML."""
     import yaml
 
@@ -99,7 +100,7 @@ def compose_text(nodes: int, gpu: bool = False, gpus: int = 1, context: str = ".
             return True
 
     header = (GPU_HEADER if gpu else COMPOSE_HEADER).format(nodes=nodes, gpus=gpus)
-    body = yaml.dump(gpu_overlay(nodes, gpus) if gpu else compose(nodes, context), Dumper=Dumper,
+    body = yaml.dump(gpu_overlay(nodes, gpus) if gpu else compose(nodes, context, isolation), Dumper=Dumper,
                      sort_keys=False, width=200, default_flow_style=None)
     return header + body
 

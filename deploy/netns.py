@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     p_compose.add_argument("--nodes", type=int, default=10)
     p_compose.add_argument("--gpu", action="store_true")
     p_compose.add_argument("--gpus", type=int, default=1, help="--gpu: GPUs to share out by node")
+    p_compose.add_argument("--isolation", choices=ISOLATIONS, default="process")
     p_reg = sub.add_parser("register-all", help="register node-<i>.pub keys (compose's register)")
     p_reg.add_argument("--nodes", type=int, required=True)
     p_reg.add_argument("--pki", type=Path, required=True)
@@ -433,7 +434,8 @@ def run_command(args: argparse.Namespace) -> None:
         ca = str((args.pki / "ca.crt").resolve())
         (args.pki / "flwr" / "config.toml").write_text(connection_toml(f"127.0.0.1:{PORT}", ca))
     elif args.command == "compose":
-        sys.stdout.write(compose.compose_text(args.nodes, args.gpu, args.gpus))
+        sys.stdout.write(compose.compose_text(args.nodes, args.gpu, args.gpus,
+                                              isolation=args.isolation))
     elif args.command == "register-all":
         compose.register_all(args.nodes, args.pki, args.superlink)
     elif args.command == "up":
