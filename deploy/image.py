@@ -212,10 +212,15 @@ def prepare_wheels(torch: str = "cpu", dest: Path = ROOT / "docker" / "wheels") 
     if not ((cache / "pins").exists() and (cache / "pins").read_text() == "\n".join(pins)):
         run(sys.executable, "-m", "pip", "download", "-q", "-d", str(cache),
             "-c", str(cache / "constraints.txt"), str(ROOT), "hatchling", timeout=3600)
+        # A dependency published as source only (antlr4-python3-runtime, Hydra's) is built into
+        # a wheel here: the image installs wheels, with no build backend of its own.
+        for sdist in [*cache.glob("*.tar.gz"), *cache.glob("*.zip")]:
+            run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(cache), str(sdist))
+            sdist.unlink()
         (cache / "pins").write_text("\n".join(pins))  # downloaded with these pins: reused
     for stale in dest.glob("*.whl"):
         stale.unlink()
-    for wheel in [*cache.glob("*.whl"), *cache.glob("*.tar.gz"), cache / "constraints.txt"]:
+    for wheel in [*cache.glob("*.whl"), cache / "constraints.txt"]:
         target = dest / wheel.name
         target.unlink(missing_ok=True)
         try:

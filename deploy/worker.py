@@ -298,9 +298,19 @@ def worker_command(endpoint: Endpoint, secret: Path) -> list[str]:
     return cmd + (["--root-certificates", endpoint.root_certificates] if endpoint.root_certificates else [])
 
 
-def supervise(supernode: list[str], endpoint: Endpoint, backoff_max: float = 10) -> int:
+def supernode_process(supernode: list[str], flower_pull: bool) -> list[str]:
+    """``flower-supernode ...`` as deploy/supernode.py runs it (a short backoff when it pulls a
+    message's objects from the SuperLink), unless ``flower_pull`` keeps Flower's own."""
+    if flower_pull or not supernode or Path(supernode[0]).name != "flower-supernode":
+        return supernode
+    return [sys.executable, str(Path(__file__).resolve().with_name("supernode.py")), *supernode[1:]]
+
+
+def supervise(supernode: list[str], endpoint: Endpoint, backoff_max: float = 10,
+              flower_pull: bool = False) -> int:
     """Run ``supernode`` (given the secret) and a worker beside it; restart the worker whenever
     it exits; return the SuperNode's exit code once it exits (the worker is then stopped)."""
+    supernode = supernode_process(supernode, flower_pull)
     secret = _secret_file()
     node = subprocess.Popen([*supernode, "--superexec-auth-secret-file", str(secret)],
                             preexec_fn=_die_with_parent)
@@ -346,8 +356,12 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--root-certificates", help="CA of a TLS Runtime API (default: plain HTTP)")
     serve_p = sub.choices["serve"]
     serve_p.add_argument("--secret-file", type=Path, help="the SuperNode's SuperExec secret")
-    sub.choices["node"].add_argument("supernode", nargs=argparse.REMAINDER,
-                                     help="-- flower-supernode ... --isolation process")
+    node_p = sub.choices["node"]
+    node_p.add_argument("--flower-pull", action="store_true",
+                        help="keep Flower's 1-10 s backoff when the SuperNode pulls a message's "
+                             "objects (default: deploy/supernode.py's 0.1-1 s)")
+    node_p.add_argument("supernode", nargs=argparse.REMAINDER,
+                        help="-- flower-supernode ... --isolation process")
     args = parser.parse_args(argv)
     endpoint = Endpoint(args.runtime_api_address, args.root_certificates)
     if args.command == "serve":
@@ -357,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         command = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
         if "--isolation" not in command:
             command += ["--isolation", "process"]
-        sys.exit(supervise(command, endpoint))
+        sys.exit(supervise(command, endpoint, flower_pull=args.flower_pull))
 
 
 if __name__ == "__main__":

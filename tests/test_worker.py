@@ -95,7 +95,33 @@ def test_supervisor_restarts_a_crashing_worker_and_ends_with_the_supernode(monke
 ])
 def test_node_runs_the_supernode_with_process_isolation(monkeypatch, argv, expected):
     seen = {}
-    monkeypatch.setattr(worker, "supervise", lambda cmd, endpoint: seen.setdefault("cmd", cmd) and 0)
+    monkeypatch.setattr(worker, "supervise", lambda cmd, endpoint, flower_pull: seen.setdefault("cmd", cmd))
     with pytest.raises(SystemExit):
         worker.main(["node", *argv])
     assert seen["cmd"] == expected
+
+
+def test_supernode_pulls_objects_with_a_short_backoff():
+    import functools
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode import start_client_internal
+
+    from deploy import supernode
+
+    # The SuperNode pulls a message's objects with the pull_objects it imported by name.
+    assert start_client_internal.pull_objects is inflatable_utils.pull_objects
+    assert "obj_contents = pull_objects(" in inspect.getsource(start_client_internal._pull_and_store_message)
+    assert inspect.signature(inflatable_utils.pull_objects).parameters["initial_backoff"].default == 1
+    original = start_client_internal.pull_objects
+    try:
+        supernode.patch()
+        patched = start_client_internal.pull_objects
+        assert isinstance(patched, functools.partial) and patched.func is original
+        assert patched.keywords == {"initial_backoff": 0.1, "backoff_cap": 1.0}
+    finally:
+        start_client_internal.pull_objects = original
+    node = ["flower-supernode", "--insecure"]
+    assert worker.supernode_process(node, flower_pull=True) == node
+    assert worker.supernode_process(node, flower_pull=False)[1:] == [str(ROOT / "deploy" / "supernode.py"),
+                                                                     "--insecure"]

@@ -59,10 +59,11 @@ VICTIM = 3
 HEARTBEAT_10S = """\
 import sys
 _argv0 = sys.argv[0] if sys.argv else ""
-if _argv0.endswith(("flower-supernode", "worker.py", "flwr-clientapp")):
+_supernode = _argv0.endswith(("flower-supernode", "deploy/supernode.py"))
+if _supernode or _argv0.endswith(("worker.py", "flwr-clientapp")):
     import flwr.supercore.heartbeat as _sender
     _sender.HEARTBEAT_DEFAULT_INTERVAL = 10
-if _argv0.endswith("flower-supernode"):
+if _supernode:
     import flwr.supercore.corestate.in_memory_corestate as _tasks
     import flwr.supernode.fleet_http_connection as _fleet
     _fleet.HEARTBEAT_DEFAULT_INTERVAL = _tasks.HEARTBEAT_DEFAULT_INTERVAL = 10
