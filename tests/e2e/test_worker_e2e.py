@@ -49,7 +49,12 @@ def flwr_run(lab: Path, app: Path, out: Path, overrides: str, wait: bool = True)
     return rows_of(out, lab / f"flwr-run-{out.name}.log")
 
 
-def rows_of(out: Path, log: Path) -> list[dict]:
+def rows_of(out: Path, log: Path, timeout: float = 600) -> list[dict]:
+    """The run's rows once it has ended: `flwr run --stream` may return while the run goes on,
+    and the ServerApp writes results.json last."""
+    deadline = time.monotonic() + timeout
+    while not (out / "results.json").exists() and time.monotonic() < deadline:
+        time.sleep(1)
     assert (out / "results.json").exists(), log.read_text()[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -77,7 +82,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lab(reference, tmp_path_factory):  # after the reference's deployment is down
+def lab(tmp_path_factory):  # requested after ``reference``, whose deployment is down by then
     root = tmp_path_factory.mktemp("worker").resolve() / "deployment"
     try:
         netns(root, "up", "--nodes", str(NODES))
