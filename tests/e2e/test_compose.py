@@ -151,10 +151,13 @@ def test_a_job_runs_to_completed_and_a_killed_node_resumes_from_its_volume(stack
         netns.wait_for(lambda: "offline" in stack.statuses(), 120, "the killed node is not offline")
         stack.compose("start", victim)
         run.wait(timeout=900)
+        results = stack.work / "outputs" / "run" / "results.json"
+        deadline = time.monotonic() + 900  # `flwr run --stream` may return before the run ends
+        while not results.exists() and time.monotonic() < deadline:
+            time.sleep(1)
     finally:
         if run.poll() is None:
             run.kill()
-    results = stack.work / "outputs" / "run" / "results.json"
     assert run.returncode == 0 and results.exists(), (stack.work / "flwr-run.log").read_text()[-3000:]
     assert results.stat().st_uid == UID  # the host user's file
     rows = [json.loads(line) for line in (results.parent / "metrics.jsonl").read_text().splitlines()]

@@ -157,6 +157,10 @@ def test_killed_supernode_is_left_out_then_resumes_from_its_saved_state(lab):
         saved = _saved_states(lab / f"node-{VICTIM}" / "state" / f"client-{VICTIM}")
         netns(lab, "start-node", str(VICTIM))
         run.wait(timeout=600)
+        # `flwr run --stream` may return while the run goes on: results.json is written last.
+        deadline = time.monotonic() + 600
+        while not (out / "results.json").exists() and time.monotonic() < deadline:
+            time.sleep(1)
     finally:
         if run.poll() is None:
             run.kill()
