@@ -234,6 +234,7 @@ def build(daemon: Dockerd, base: str, tag: str = "pflower:latest") -> str:
     """``docker build`` of docker/Dockerfile on the repository (its .dockerignore applies)."""
     daemon.docker("build", "-q", "-f", str(ROOT / "docker" / "Dockerfile"), "--build-arg", f"BASE={base}",
                   "-t", tag, str(ROOT), timeout=3600)
+    daemon.docker("image", "prune", "-f")  # the images an earlier build of ``tag`` left untagged
     return tag
 
 
