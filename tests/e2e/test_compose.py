@@ -168,9 +168,10 @@ def test_a_job_runs_to_completed_and_a_killed_node_resumes_from_its_volume(stack
     assert sorted(int(c) for c in rows[3]["per_client_accuracy"]) == list(range(NODES))
     restarted = stack.logs(victim).split("Starting Flower SuperNode")[-1]
     assert f"read from /state/client-{VICTIM}/personal.npz" in restarted, restarted[-3000:]
-    listed = subprocess.run(["flwr", "ls", "pflower-netns"], env=stack.flwr_env, capture_output=True,
-                            text=True).stdout
-    assert "completed" in listed, listed
+    listed = subprocess.run(["flwr", "ls", "pflower-netns", "--format", "json"], env=stack.flwr_env,
+                            capture_output=True, text=True).stdout
+    runs = json.loads(listed[listed.find("{"):])["runs"]
+    assert [r["status"] for r in runs] == ["finished:completed"], runs
 
 
 def test_an_unregistered_node_is_refused(stack, tmp_path):
