@@ -1,9 +1,13 @@
 """What a round costs in a real deployment, and where one message's time goes.
 
-Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message a SuperNode gets, so
-a deployed round costs (messages per client) x (one process: Python, imports, config, data,
-the personal state, training, the reply) plus the transport (the SuperNode polls the
-SuperLink every 3 s when idle; the reply is pushed back; the ServerApp polls for it).
+With Flower's default isolation (``--isolation subprocess``) a SuperNode starts a fresh
+``flwr-clientapp`` process for every message, so a deployed round costs (messages per node)
+x (one process: Python, imports, config, data, the personal state, training, the reply)
+plus the transport. With pflower's worker (deploy/worker.py, ``--isolation process``, the
+namespace deployment's default) one process per SuperNode runs every message, and what is
+left is the work and the transport: the SuperNode pulls a message's objects from the
+SuperLink backing off 1, 2, 4, 8 s, polls the SuperLink every 3 s when idle and handles one
+message at a time; the ServerApp polls for the replies.
 
 1. ``message``: one evaluate and one train message of the default job as ``flwr-clientapp``
    runs them, each in a fresh process per repeat, timed stage by stage (wall and CPU):
@@ -15,12 +19,16 @@ SuperLink every 3 s when idle; the reply is pushed back; the ServerApp polls for
    fixed cost within 2x of it). With ``--before REV`` the same for pflower at git revision
    REV (a temporary worktree), so before and after are measured side by side.
 2. ``round`` (root and ``ip netns`` needed): the default job on 4 namespace hosts brought up
-   by deploy/netns.py (TLS and SuperNode authentication on) against the same job in
-   simulation with 4 SuperNodes: seconds per round (median past round 1) and messages per
-   round. ``--before REV`` runs REV's app on the same deployment too.
+   by deploy/netns.py (TLS and SuperNode authentication on), once per ``--isolations`` (both
+   by default: before and after the worker), against the same job in simulation with 4
+   SuperNodes: seconds per round (median past round 1), and with the worker its messages'
+   wall and CPU seconds after warm-up split into pull (the task's input: waiting for the
+   message's objects to reach the SuperNode), app (pflower) and push (the reply).
+   ``--before REV`` runs REV's app on the same deployments too. Every run is waited for to
+   its end (results.json): ``flwr run --stream`` was seen to return while the run went on.
 
     sudo .venv/bin/python bench/deployment.py [--rounds 3] [--repeats 3] [--before 3eb8456]
-                                              [--skip-round] [--overrides "num_rounds=..."]
+        [--skip-round | --skip-stages] [--isolations subprocess,process] [--overrides "..."]
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -155,10 +164,15 @@ def rows_of(out: Path) -> list[dict]:
 
 
 def flwr(app: Path, env: dict, out: Path, overrides: str, extra: list[str]) -> list[dict]:
+    """`flwr run`, then wait for the run's end: ``--stream`` was seen to return while the run
+    went on, so the run has ended when the ServerApp has written results.json."""
     cmd = [str(BIN / "flwr"), "run", str(app), *extra, "--stream", "--run-config",
            f'overrides="{overrides} output_dir={out}"']
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=app, timeout=3600)
-    if not (out / "metrics.jsonl").exists():
+    deadline = time.monotonic() + 3600
+    while not (out / "results.json").exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    if not (out / "results.json").exists():
         sys.exit(f"flwr run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     return rows_of(out)
 
@@ -178,17 +192,51 @@ def simulation(app: Path, overrides: str, work: Path) -> list[dict]:
             subprocess.run(["pkill", "-KILL", "-g", pid], capture_output=True)
 
 
-def deployment(apps: list[Path], overrides: str, work: Path) -> dict[str, list[dict]]:
-    lab = work / "lab"
+def deployment(apps: list[Path], overrides: str, work: Path, isolation: str
+               ) -> dict[str, tuple[list[dict], dict]]:
+    """Each app's rows on 4 namespace hosts with ``isolation`` (``process``: pflower's worker),
+    and the worker's profile of its messages (deploy/worker.py logs each one's stages)."""
+    lab = work / f"lab-{isolation}"
     netns = [PYTHON, str(ROOT / "deploy" / "netns.py"), "--dir", str(lab)]
-    subprocess.run([*netns, "up", "--nodes", "4"], check=True, capture_output=True)
+    subprocess.run([*netns, "up", "--nodes", "4", "--isolation", isolation], check=True, capture_output=True)
     env = {**os.environ, "FLWR_HOME": str(lab / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
-        return {app.name: flwr(app, env, work / f"deploy-{app.name}", overrides, ["pflower-netns"])
-                for app in apps}
+        out = {}
+        for app in apps:
+            logs = [(lab / f"node-{n}" / "supernode.log") for n in range(4)]
+            seen = [log.read_text(errors="replace") if log.exists() else "" for log in logs]
+            rows = flwr(app, env, work / f"deploy-{isolation}-{app.name}", overrides, ["pflower-netns"])
+            texts = [log.read_text(errors="replace")[len(old):] for log, old in zip(logs, seen, strict=True)]
+            out[app.name] = rows, worker_profile(texts)
+        return out
     finally:
         subprocess.run([*netns, "down"], capture_output=True)
+
+
+DONE = re.compile(r"pflower worker: done in ([\d.]+) s \(([\d.]+) s CPU\): (.*)")
+RUNNING = re.compile(r"pflower worker: running (\w+) message")
+
+
+def worker_profile(node_logs: list[str]) -> dict[str, dict[str, float]]:
+    """Per message type, the median wall and CPU seconds and stages (pull, app, push) of the
+    workers' messages after warm-up (each node's first message of a type left out)."""
+    per_type: dict[str, list[dict[str, float]]] = {}
+    for text in node_logs:
+        kind, firsts = None, set()
+        for line in text.splitlines():
+            if m := RUNNING.search(line):
+                kind = m.group(1)
+            elif (m := DONE.search(line)) and kind:
+                if kind not in firsts:
+                    firsts.add(kind)
+                    continue
+                stages = dict(part.split(" ")[:2] for part in m.group(3).split(", "))
+                per_type.setdefault(kind, []).append(
+                    {"wall": float(m.group(1)), "cpu": float(m.group(2)),
+                     **{k: float(v) for k, v in stages.items()}})
+    return {kind: {k: median([r[k] for r in runs if k in r]) for k in runs[0]} | {"n": len(runs)}
+            for kind, runs in per_type.items()}
 
 
 def per_round(rows: list[dict]) -> float:
@@ -204,6 +252,21 @@ def report_stages(name: str, stages: dict[str, dict[str, float]], torch_s: dict[
               f"= {s['total'] / torch_s[clock]:.2f}x import torch")
 
 
+def report_rounds(rounds: int, sim: float, apps: list[Path], deployed: dict) -> None:
+    print(f"default job, {rounds} rounds, s/round (median past round 1):")
+    print(f"  simulation, 4 SuperNodes: {sim:.1f}")
+    for isolation, by_app in deployed.items():
+        for app in apps:
+            name = "before" if app != ROOT else "after"
+            rows, profile = by_app[app.name]
+            dep = per_round(rows)
+            print(f"  deployment, 4 namespace hosts, TLS + auth, --isolation {isolation} ({name}): "
+                  f"{dep:.1f} = {dep / sim:.1f}x simulation")
+            for kind, p in sorted(profile.items()):  # the worker's messages after warm-up
+                stages = "  ".join(f"{k} {p[k]:.2f}" for k in ("pull", "app", "push") if k in p)
+                print(f"    {kind:>9} x{p['n']}: {p['wall']:.2f} s wall, {p['cpu']:.2f} s CPU | {stages}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -211,6 +274,10 @@ def main() -> None:
     parser.add_argument("--before", help="git revision to compare against (e.g. the commit before)")
     parser.add_argument("--overrides", default="", help="Hydra overrides of the job (default job: '')")
     parser.add_argument("--skip-round", action="store_true", help="per-message stages only")
+    parser.add_argument("--skip-stages", action="store_true", help="rounds only")
+    parser.add_argument("--isolations", default="subprocess,process",
+                        help="deployments to time: subprocess (a fresh flwr-clientapp per message, "
+                             "Flower's default), process (pflower's long-lived worker)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pflower-bench-deploy-"))
     apps = [ROOT]
@@ -221,7 +288,7 @@ def main() -> None:
         bare = {"wall": median([r[0] for r in torch_runs]), "cpu": median([r[1] for r in torch_runs])}
         print(f"python -c 'import torch': {bare['wall']:.2f} s wall, {bare['cpu']:.2f} s CPU (median of "
               f"{args.repeats}); {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}")
-        for kind in ("evaluate", "train"):
+        for kind in () if args.skip_stages else ("evaluate", "train"):
             print(f"one {kind} message of the default job, s per stage (median of fresh processes):")
             for app in apps:
                 name = "before" if app != ROOT else "after"
@@ -229,16 +296,9 @@ def main() -> None:
         if args.skip_round:
             return
         overrides = f"{args.overrides} num_rounds={args.rounds}".strip()
-        deployed = deployment(apps, overrides, work)
-        simulated = simulation(ROOT, overrides, work)
-        sim = per_round(simulated)
-        print(f"default job, {args.rounds} rounds, s/round (median past round 1):")
-        print(f"  simulation, 4 SuperNodes: {sim:.1f}")
-        for app in apps:
-            name = "before" if app != ROOT else "after"
-            dep = per_round(deployed[app.name])
-            print(f"  deployment, 4 namespace hosts, TLS + auth ({name}): {dep:.1f} "
-                  f"= {dep / sim:.1f}x simulation")
+        deployed = {iso: deployment(apps, overrides, work, iso) for iso in args.isolations.split(",")}
+        sim = per_round(simulation(ROOT, overrides, work))
+        report_rounds(args.rounds, sim, apps, deployed)
     finally:
         for app in apps:
             if app != ROOT:

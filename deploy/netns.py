@@ -16,8 +16,13 @@ through the Control API (``flwr supernode register``, as Flower 1.41 requires), 
 the SuperNodes, each with its own key and its own state directory (``<dir>/node-<i>/state``).
 ``down`` kills what ``up`` started, deletes the namespaces and links and removes ``<dir>``.
 
-The commands are built by ``superlink_command`` and ``supernode_command``, which also write
-docker/compose.yaml (``compose``): the compose deployment runs the same commands.
+Each SuperNode runs with ``--isolation process`` beside one long-lived pflower ClientApp
+worker (deploy/worker.py, started and restarted by its supervisor ``worker.py node``), which
+runs every message of the node in one process; ``up --isolation subprocess`` gives Flower's
+default instead, a fresh ``flwr-clientapp`` process per message.
+
+The commands are built by ``superlink_command``, ``supernode_command`` and ``node_command``,
+which also write docker/compose.yaml (deploy/compose.py): compose runs the same commands.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +53,8 @@ GATEWAY = f"{SUBNET}.254"
 PORT = 9091
 CONNECTION = "pflower-netns"
 DEFAULT_DIR = Path("/tmp/pflower-netns")
+ISOLATIONS = ("process", "subprocess")  # pflower's worker (the default) / Flower's default
+WORKER = Path(__file__).resolve().with_name("worker.py")
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr of this environment
 
 
@@ -77,14 +83,31 @@ def superlink_command(sec: Security, database: str, host: str = "0.0.0.0") -> li
 
 
 def supernode_command(sec: Security, node: int, nodes: int, superlink: str, state_dir: str,
-                      key: str | None = None) -> list[str]:
-    """SuperNode ``node`` of ``nodes`` (it serves clients c with c % nodes == node)."""
+                      key: str | None = None, isolation: str = "process") -> list[str]:
+    """SuperNode ``node`` of ``nodes`` (it serves clients c with c % nodes == node).
+
+    ``isolation="process"``: the SuperNode runs no ClientApp itself; the worker beside it
+    does (``node_command``). Its Runtime API stays on 127.0.0.1:9094 (Flower's default), the
+    node's own loopback: its own namespace or container.
+    """
     cmd = ["flower-supernode", "--superlink", superlink]
     cmd += ["--root-certificates", f"{sec.pki}/ca.crt"] if sec.tls else ["--insecure"]
     if sec.auth:
         cmd += ["--auth-supernode-private-key", key or f"{sec.pki}/node-{node}.key"]
     cmd += ["--node-config", f'partition-id={node} num-partitions={nodes} state-dir="{state_dir}"']
+    if isolation == "process":
+        cmd += ["--isolation", "process"]
     return cmd
+
+
+def node_command(supernode: list[str], worker: str = str(WORKER), python: str = sys.executable
+                 ) -> list[str]:
+    """What runs on a SuperNode's host: the SuperNode itself (``--isolation subprocess``), or
+    the supervisor that runs it beside its long-lived ClientApp worker (and gives both the
+    Runtime API's secret, ``--superexec-auth-secret-file``)."""
+    if "--isolation" not in supernode:
+        return supernode
+    return [python, worker, "node", "--", *supernode]
 
 
 def connection_toml(address: str, ca: str | None) -> str:
@@ -103,6 +126,7 @@ class Deployment:
     nodes: int
     tls: bool
     auth: bool
+    isolation: str = "process"
     pids: dict[str, int] = field(default_factory=dict)
     node_ids: dict[str, int] = field(default_factory=dict)
 
@@ -257,8 +281,10 @@ def start_supernode(dep: Deployment, node: int, rejoin: bool = False, wait: floa
         time.sleep(3)
     state = node_dir(dep, node) / "state"
     state.mkdir(parents=True, exist_ok=True)
-    cmd = supernode_command(dep.security, node, dep.nodes, link_address(), str(state))
-    return start(dep, f"node{node}", f"node-{node}", cmd, node_dir(dep, node) / "supernode.log")
+    cmd = supernode_command(dep.security, node, dep.nodes, link_address(), str(state),
+                            isolation=dep.isolation)
+    return start(dep, f"node{node}", f"node-{node}", node_command(cmd),
+                 node_dir(dep, node) / "supernode.log")
 
 
 def stop_supernode(dep: Deployment, node: int, sig: int = signal.SIGKILL) -> None:
@@ -284,7 +310,8 @@ def guest(dep: Deployment, key: Path | None, tls: bool, timeout: float = 60) -> 
         add_host("guest")
     root = dep.root / "guest"
     sec = Security(str(dep.root / "pki"), tls=tls, auth=key is not None)
-    cmd = supernode_command(sec, 0, dep.nodes, link_address(), str(root / "state"), key=str(key))
+    cmd = supernode_command(sec, 0, dep.nodes, link_address(), str(root / "state"), key=str(key),
+                            isolation="subprocess")  # refused before any ClientApp could run
     cmd += ["--max-retries", "2", "--max-wait-time", "10"]
     log = root / f"try-{len(list(root.glob('try-*.log'))) if root.exists() else 0}.log"
     pid = start(dep, "guest", "guest", cmd, log)
@@ -302,12 +329,13 @@ def guest(dep: Deployment, key: Path | None, tls: bool, timeout: float = 60) -> 
     return {"exit_code": code, "received": log.read_text().count("Receiving:"), "log": str(log)}
 
 
-def up(root: Path, nodes: int, tls: bool = True, auth: bool = True) -> Deployment:
+def up(root: Path, nodes: int, tls: bool = True, auth: bool = True, isolation: str = "process"
+       ) -> Deployment:
     """Namespaces, certificates and keys, SuperLink, registrations, SuperNodes."""
     if (root / "deployment.json").exists() or our_namespaces() or our_links():
         raise SystemExit(f"a deployment is up ({root} or namespaces {PREFIX}-*): run `down` first")
     root.mkdir(parents=True, exist_ok=True)
-    dep = Deployment(str(root.resolve()), nodes, tls, auth)
+    dep = Deployment(str(root.resolve()), nodes, tls, auth, isolation)
     dep.save()
     if tls or auth:
         pki.make_all(root / "pki", [host_ip("link"), "superlink", "localhost", "127.0.0.1"], nodes)
@@ -352,104 +380,8 @@ def status(root: Path) -> dict:
     listed = subprocess.run([str(BIN / "flwr"), "supernode", "list", CONNECTION, "--format", "json"],
                             env=dep.env, capture_output=True, text=True).stdout
     return {"dir": dep.dir, "superlink": link_address(), "tls": dep.tls, "auth": dep.auth,
+            "isolation": dep.isolation,
             "processes": alive, "supernodes": json.loads(listed[listed.find("{"):] or "{}")}
-
-
-# --- docker/compose.yaml ------------------------------------------------------------------------
-def compose(nodes: int) -> dict:
-    """docker/compose.yaml as a dict: the SuperLink, a one-shot ``register`` service and one
-    SuperNode per client, running ``superlink_command``/``supernode_command``."""
-    sec = Security("/pki")
-    image = {"build": {"context": "..", "dockerfile": "docker/Dockerfile"}, "image": "pflower:latest",
-             # Files written into ./outputs and the volumes belong to the host user who started compose.
-             "user": "${PFLOWER_UID:-1000}:${PFLOWER_GID:-1000}",
-             "environment": {"FLWR_HOME": "/state/.flwr"}}
-    services: dict = {"superlink": {
-        **image, "command": superlink_command(sec, "/state/superlink.db"),
-        # The Control API shares this port: published on loopback unless PFLOWER_BIND says so.
-        "ports": [f"${{PFLOWER_BIND:-127.0.0.1}}:{PORT}:{PORT}"],
-        "volumes": ["superlink-state:/state", "./outputs:/app/outputs",
-                    *[f"./pki/{f}:/pki/{f}:ro" for f in ("ca.crt", "server.pem", "server.key")]]}}
-    services["register"] = {
-        **image, "depends_on": ["superlink"], "restart": "no",
-        "command": ["python", "/app/deploy/netns.py", "register-all", "--nodes", str(nodes),
-                    "--pki", "/pki", "--superlink", f"superlink:{PORT}"],
-        "volumes": [f"./pki/{f}:/pki/{f}:ro" for f in ["ca.crt", *[f"node-{i}.pub" for i in range(nodes)]]]}
-    for i in range(nodes):
-        services[f"supernode-{i}"] = {
-            **image, "depends_on": {"register": {"condition": "service_completed_successfully"}},
-            "restart": "unless-stopped",
-            "command": supernode_command(sec, i, nodes, f"superlink:{PORT}", "/state"),
-            "volumes": [f"supernode-{i}-state:/state", "./pki/ca.crt:/pki/ca.crt:ro",
-                        f"./pki/node-{i}.key:/pki/node-{i}.key:ro"]}
-    volumes = {"superlink-state": None, **{f"supernode-{i}-state": None for i in range(nodes)}}
-    return {"services": services, "volumes": volumes}
-
-
-def gpu_overlay(nodes: int) -> dict:
-    """docker/gpu.yaml: every SuperNode gets the host's NVIDIA GPUs (its ClientApps use CUDA)."""
-    gpus = {"resources": {"reservations": {"devices": [
-        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}
-    return {"services": {f"supernode-{i}": {"deploy": gpus} for i in range(nodes)}}
-
-
-def compose_text(nodes: int, gpu: bool = False) -> str:
-    """The text of docker/compose.yaml (``gpu``: docker/gpu.yaml): a header, then the YAML."""
-    import yaml
-
-    class Dumper(yaml.SafeDumper):
-        def ignore_aliases(self, data) -> bool:  # every service spelled out, no &anchors
-            return True
-
-    header = (GPU_HEADER if gpu else COMPOSE_HEADER).format(nodes=nodes)
-    body = yaml.dump(gpu_overlay(nodes) if gpu else compose(nodes), Dumper=Dumper, sort_keys=False,
-                     width=200, default_flow_style=None)
-    return header + body
-
-
-GENERATED = """\
-# GENERATED by `python deploy/netns.py compose --nodes {nodes}{gpu} > docker/{name}`: edit
-# deploy/netns.py (compose, superlink_command, supernode_command), not this file;
-# tests/test_docker_files.py checks that both run the same commands.
-"""
-COMPOSE_HEADER = GENERATED.replace("{gpu}", "").replace("{name}", "compose.yaml") + """\
-#
-# A secure pflower deployment on one Docker host: TLS, SuperNode authentication, a SuperLink
-# and one SuperNode per client of the default federation, each with its own state volume.
-#   python deploy/netns.py certs --pki docker/pki --nodes {nodes}   # CA, server cert, node keys
-#   mkdir -p docker/outputs
-#   PFLOWER_UID=$(id -u) PFLOWER_GID=$(id -g) docker compose -f docker/compose.yaml up --build -d
-#   FLWR_HOME=docker/pki/flwr flwr run . pflower-netns --stream \\
-#     --run-config 'overrides="strategy=lgmix"'
-# `register` registers every SuperNode's public key with the SuperLink (a SuperNode whose key
-# is not registered is refused). The SuperLink's one port also serves the Control API, which
-# runs submitted code: it is published on 127.0.0.1 unless PFLOWER_BIND says otherwise.
-# GPUs: add `-f docker/gpu.yaml`. See docs/deployment.md.
-"""
-GPU_HEADER = GENERATED.replace("{gpu}", " --gpu").replace("{name}", "gpu.yaml") + """\
-#
-# GPU overlay: docker compose -f docker/compose.yaml -f docker/gpu.yaml up -d
-# (needs the NVIDIA Container Toolkit on the host).
-"""
-
-
-def register_all(nodes: int, pki_dir: Path, superlink: str) -> None:
-    """Register ``node-<i>.pub`` for every node with the SuperLink at ``superlink``
-    (the compose deployment's one-shot ``register`` service); already registered keys are
-    skipped, so the service may run again after a restart."""
-    dep = Deployment(tempfile.mkdtemp(prefix="pflower-register-"), nodes, True, True)
-    (dep.root / "flwr").mkdir()
-    (dep.root / "flwr" / "config.toml").write_text(connection_toml(superlink, str(pki_dir / "ca.crt")))
-    try:
-        wait_for(lambda: listening(superlink), 120, "the SuperLink is not listening")
-        for node in range(nodes):
-            try:
-                register(dep, node, pki_dir)
-            except RuntimeError as err:
-                if "already in use" not in str(err).lower():
-                    raise
-    finally:
-        shutil.rmtree(dep.root, ignore_errors=True)
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -461,6 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     p_up.add_argument("--nodes", type=int, default=4)
     p_up.add_argument("--insecure", action="store_true", help="no TLS (trusted test network only)")
     p_up.add_argument("--no-auth", action="store_true", help="no SuperNode authentication")
+    p_up.add_argument("--isolation", choices=ISOLATIONS, default="process",
+                      help="process: one long-lived ClientApp worker per SuperNode (default); "
+                           "subprocess: Flower's fresh flwr-clientapp process per message")
     sub.add_parser("down", help="remove every process, namespace, link and file `up` made")
     sub.add_parser("status", help="processes and the SuperLink's SuperNodes")
     for name in ("stop-node", "start-node"):
@@ -477,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     p_compose = sub.add_parser("compose", help="print docker/compose.yaml (--gpu: docker/gpu.yaml)")
     p_compose.add_argument("--nodes", type=int, default=10)
     p_compose.add_argument("--gpu", action="store_true")
+    p_compose.add_argument("--gpus", type=int, default=1, help="--gpu: GPUs to share out by node")
+    p_compose.add_argument("--isolation", choices=ISOLATIONS, default="process")
     p_reg = sub.add_parser("register-all", help="register node-<i>.pub keys (compose's register)")
     p_reg.add_argument("--nodes", type=int, required=True)
     p_reg.add_argument("--pki", type=Path, required=True)
@@ -486,6 +423,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_command(args: argparse.Namespace) -> None:
+    try:
+        from deploy import compose
+    except ImportError:  # run as a script
+        import compose
     if args.command == "certs":
         pki.make_all(args.pki, args.names, args.nodes)
         # The connection for the operator on the Docker host (compose publishes 127.0.0.1:9091).
@@ -493,11 +434,13 @@ def run_command(args: argparse.Namespace) -> None:
         ca = str((args.pki / "ca.crt").resolve())
         (args.pki / "flwr" / "config.toml").write_text(connection_toml(f"127.0.0.1:{PORT}", ca))
     elif args.command == "compose":
-        sys.stdout.write(compose_text(args.nodes, args.gpu))
+        sys.stdout.write(compose.compose_text(args.nodes, args.gpu, args.gpus,
+                                              isolation=args.isolation))
     elif args.command == "register-all":
-        register_all(args.nodes, args.pki, args.superlink)
+        compose.register_all(args.nodes, args.pki, args.superlink)
     elif args.command == "up":
-        dep = up(args.dir, args.nodes, tls=not args.insecure, auth=not args.no_auth)
+        dep = up(args.dir, args.nodes, tls=not args.insecure, auth=not args.no_auth,
+                 isolation=args.isolation)
         print(f"SuperLink {link_address()}, {dep.nodes} SuperNodes; submit with\n"
               f"  FLWR_HOME={dep.root / 'flwr'} flwr run . {CONNECTION} --stream --run-config "
               f"'overrides=\"...\"'\nlogs in {dep.root}; stop with: {shlex.join(sys.argv[:1])} down")

@@ -1,8 +1,9 @@
 """A real deployment on network-namespace hosts, brought up by deploy/netns.py as a user would.
 
 One SuperLink and four SuperNodes, each on a host of its own with its own address, TLS and
-SuperNode authentication on (the script's defaults); `flwr run` submits from the root
-namespace over TLS. The tests check what a lab relies on:
+SuperNode authentication on (the script's defaults), and beside each SuperNode its
+long-lived ClientApp worker (deploy/worker.py, ``--isolation process``: the default);
+`flwr run` submits from the root namespace over TLS. The tests check what a lab relies on:
 
 - a SuperNode whose key is not registered, and one that speaks plain HTTP, are refused and
   never receive a message;
@@ -50,13 +51,22 @@ TINY = "dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.im
 # HEARTBEAT_10S) the SuperLink answers for it. An upper bound only; a slower machine can raise it.
 ROUND_TIMEOUT = float(os.environ.get("PFLOWER_E2E_ROUND_TIMEOUT", "60"))
 VICTIM = 3
-# Loaded by every Python process started with the lab's environment; acts in SuperNodes only.
+# Loaded by every Python process started with the lab's environment; acts in SuperNodes and
+# their ClientApps (deploy/worker.py, or flwr-clientapp in the default isolation) only. A
+# SuperNode also expires a task whose ClientApp sent no heartbeat for 2 intervals (its
+# in_memory_corestate's copy of the constant): a killed worker's message is answered with an
+# error after ~20 s, not ~60 s; the ClientApps' senders keep within it.
 HEARTBEAT_10S = """\
 import sys
-if sys.argv and sys.argv[0].endswith("flower-supernode"):
+_argv0 = sys.argv[0] if sys.argv else ""
+_supernode = _argv0.endswith(("flower-supernode", "deploy/supernode.py"))
+if _supernode or _argv0.endswith(("worker.py", "flwr-clientapp")):
     import flwr.supercore.heartbeat as _sender
+    _sender.HEARTBEAT_DEFAULT_INTERVAL = 10
+if _supernode:
+    import flwr.supercore.corestate.in_memory_corestate as _tasks
     import flwr.supernode.fleet_http_connection as _fleet
-    _sender.HEARTBEAT_DEFAULT_INTERVAL = _fleet.HEARTBEAT_DEFAULT_INTERVAL = 10
+    _fleet.HEARTBEAT_DEFAULT_INTERVAL = _tasks.HEARTBEAT_DEFAULT_INTERVAL = 10
     print("pflower test: SuperNode heartbeat interval 10 s", file=sys.stderr, flush=True)
 """
 
@@ -147,6 +157,10 @@ def test_killed_supernode_is_left_out_then_resumes_from_its_saved_state(lab):
         saved = _saved_states(lab / f"node-{VICTIM}" / "state" / f"client-{VICTIM}")
         netns(lab, "start-node", str(VICTIM))
         run.wait(timeout=600)
+        # `flwr run --stream` may return while the run goes on: results.json is written last.
+        deadline = time.monotonic() + 600
+        while not (out / "results.json").exists() and time.monotonic() < deadline:
+            time.sleep(1)
     finally:
         if run.poll() is None:
             run.kill()
