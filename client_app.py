@@ -12,7 +12,8 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-# Only what every message needs: in deployment each message is a fresh process, so the
+# Only what every message needs: with Flower's default isolation each deployed message is a
+# fresh process (pflower's long-lived worker, deploy/worker.py, keeps one per SuperNode), so the
 # method's module is imported by ``lookup`` and Hydra only when the config is not cached yet
 # (task/data/node_cache.py).
 from strategies import lookup

@@ -10,7 +10,8 @@ if TYPE_CHECKING:
     from .client_base import ClientMethod
 
 # name -> (module, server class, client class). Modules are imported when looked up, so a
-# deployed ClientApp (a fresh process per message) imports its own method only.
+# deployed ClientApp (a fresh process per message in Flower's default isolation) imports its
+# own method only.
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "fedavg": ("fedavg", "FedAvg", "FedAvgClient"),
     "fedavg_ft": ("fedavg_ft", "FedAvgFT", "FedAvgFTClient"),

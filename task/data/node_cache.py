@@ -1,7 +1,8 @@
 """What a deployed SuperNode keeps on its own disk so that a message starts fast.
 
-In a deployment Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message, so
-nothing survives in memory from one message to the next: without a cache every message
+In a deployment with Flower 1.41's default isolation a fresh ``flwr-clientapp`` process runs
+every message (pflower's long-lived worker, deploy/worker.py, is the exception), so nothing
+survives in memory from one message to the next: without a cache every message
 composes the Hydra config (importing every strategy module for its schema) and builds the
 whole federation to take one client's share of it. A node with a state directory keeps both,
 read-only, in ``<state-dir>/cache/``:
