@@ -49,8 +49,9 @@ def apply_determinism(deterministic: bool) -> None:
     # What torch.use_deterministic_algorithms does, without its import of torch._inductor (and
     # with it torch._dynamo: ~2 s of CPU, paid by every message of a deployment in Flower's
     # default isolation, where each message is a fresh process); pflower never compiles, so
-    # inductor's own flag is set only where something loaded inductor already, and only where it has one: torch 2.9's inductor
-    # has none (setting it raises AttributeError), nor does its use_deterministic_algorithms set it.
+    # inductor's own flag is set only where something loaded inductor already, and only where it
+    # has one: torch 2.9's inductor has none (setting it raises AttributeError), nor does its
+    # use_deterministic_algorithms set it.
     torch._C._set_deterministic_algorithms(deterministic, warn_only=deterministic)
     inductor = sys.modules.get("torch._inductor.config")
     if inductor is not None and hasattr(inductor, "deterministic"):
