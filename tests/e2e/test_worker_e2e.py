@@ -108,10 +108,18 @@ def test_worker_gives_what_the_default_isolation_gives(reference, lab):
         assert text.count("pflower worker: done in") == text.count("Receiving:") >= 4
 
 
+TOP_LEVEL_SKIPPED = {".venv", ".git", "outputs", "data", "docker", "tests", "bench", "sweeps", "multirun"}
+
+
+def _not_the_app(folder: str, names: list[str]) -> set[str]:
+    """What copytree leaves out: the checkout's own top-level folders (not task/data), caches."""
+    top = Path(folder).resolve() == ROOT.resolve()
+    return {n for n in names if (top and n in TOP_LEVEL_SKIPPED) or n == "__pycache__" or n.endswith(".pyc")}
+
+
 def changed_copy(dest: Path) -> Path:
     """The app with a ClientApp that announces itself when imported (a new FAB hash)."""
-    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "outputs", "data", "docker", "tests", "bench", "__pycache__", "*.pyc"))
+    shutil.copytree(ROOT, dest, ignore=_not_the_app)
     client = dest / "client_app.py"
     client.write_text(client.read_text() + f"\nprint({MARKER!r}, file=sys.stderr, flush=True)\n")
     return dest
