@@ -145,7 +145,7 @@ class Deployment:
                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def save(self) -> None:
-        (self.root / "deployment.json").write_text(json.dumps(asdict(self), indent=1))
+        pki.write_file(self.root / "deployment.json", json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
     def load(cls, root: Path) -> Deployment:
@@ -332,16 +332,19 @@ def guest(dep: Deployment, key: Path | None, tls: bool, timeout: float = 60) -> 
 def up(root: Path, nodes: int, tls: bool = True, auth: bool = True, isolation: str = "process"
        ) -> Deployment:
     """Namespaces, certificates and keys, SuperLink, registrations, SuperNodes."""
-    if (root / "deployment.json").exists() or our_namespaces() or our_links():
+    if os.path.lexists(root / "deployment.json") or our_namespaces() or our_links():
         raise SystemExit(f"a deployment is up ({root} or namespaces {PREFIX}-*): run `down` first")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        pki.private_dir(root)  # keys and the SuperLink's database: not where others could plant files
+    except PermissionError as err:
+        raise SystemExit(f"deployment directory refused: {err}") from None
     dep = Deployment(str(root.resolve()), nodes, tls, auth, isolation)
     dep.save()
     if tls or auth:
         pki.make_all(root / "pki", [host_ip("link"), "superlink", "localhost", "127.0.0.1"], nodes)
     ca = str(root / "pki" / "ca.crt") if tls else None
     (root / "flwr").mkdir(exist_ok=True)
-    (root / "flwr" / "config.toml").write_text(connection_toml(link_address(), ca))
+    pki.write_file(root / "flwr" / "config.toml", connection_toml(link_address(), ca).encode())
     add_bridge()
     for host in ["link", *[f"node{i}" for i in range(nodes)]]:
         add_host(host)

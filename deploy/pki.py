@@ -13,9 +13,12 @@ deployment keeps its CA and every SuperNode keeps its registered identity.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
+import stat
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,14 +30,48 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 VALID_DAYS = 365
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory of this user's only (0700), made if missing.
+
+    An existing one must be a real directory (not a symlink) owned by this user: in a shared
+    place such as /tmp another local user could otherwise have made it first and planted keys
+    or symlinks there, which a later ``make`` would keep or write through.
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{path} is not a directory of its own (a symlink or a file): remove it")
+    if info.st_uid != os.geteuid():
+        raise PermissionError(f"{path} belongs to uid {info.st_uid}, not to this user: remove it or pick "
+                              "another directory")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a fresh temporary file beside it, renamed over ``path``.
+
+    The temporary name is random and created exclusively (``O_EXCL``, never through a planted
+    file or symlink), and the rename replaces a symlink at ``path`` instead of following it.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def _write(path: Path, data: bytes, private: bool) -> None:
     """Write ``data``; private keys are readable by their owner only (0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_file(path, data, 0o600 if private else 0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
