@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 # method's module is imported by ``lookup`` and Hydra only when the config is not cached yet
 # (task/data/node_cache.py).
 from strategies import lookup
+from task.core.bundles import serve_bundles
 from task.core.device import configure_process, determinism_enabled, resolve_device
 from task.core.messages import (
     ARRAYS,
@@ -124,6 +125,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@serve_bundles
 def train(msg: Message, context: Context) -> Message:
     method = client_method(context, msg)
     received, config = _received(msg, method.device)
@@ -133,6 +135,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.train("personalize")
+@serve_bundles
 def personalize(msg: Message, context: Context) -> Message:
     method = client_method(context, msg)
     received, config = _received(msg, method.device)
@@ -156,6 +159,7 @@ def _scores(method: ClientMethod, received: dict, config: dict) -> MetricRecord:
 
 
 @app.evaluate()
+@serve_bundles
 def evaluate(msg: Message, context: Context) -> Message:
     method = client_method(context, msg)
     received, config = _received(msg, method.device)

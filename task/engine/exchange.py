@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from task.core.bundles import bundle, unbundle
 from task.core.messages import CONFIG, METRICS, hosted_clients
 
 POLL_START_S = 0.005
@@ -31,17 +32,21 @@ class ClientInfo:
     num_test: int
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float
+def exchange(grid: Grid, messages: list[Message], timeout: float, bundled: bool = True
              ) -> tuple[list[tuple[Message, Message]], int]:
     """Push ``messages``, pull replies with a short backing-off poll.
 
+    ``bundled``: the messages to one node (of one phase) go as one bundle (task/core/bundles.py)
+    and come back as one reply per message all the same.
     Returns (sent message, reply) pairs and ``late``, the number of messages with no reply
     within ``timeout`` seconds; their replies, if any come later, are never read.
     """
     if not messages:
         return [], 0
-    ids = list(grid.push_messages(messages))
-    sent = dict(zip(ids, messages, strict=True))
+    groups = _by_node(messages) if bundled else [[m] for m in messages]
+    pushed = [group[0] if len(group) == 1 else bundle(group) for group in groups]
+    ids = list(grid.push_messages(pushed))
+    sent = dict(zip(ids, zip(pushed, groups, strict=True), strict=True))
     pending = set(ids)
     pairs: list[tuple[Message, Message]] = []
     deadline = time.monotonic() + timeout
@@ -51,13 +56,22 @@ def exchange(grid: Grid, messages: list[Message], timeout: float
                if r.metadata.reply_to_message_id in pending]
         for reply in got:
             pending.discard(reply.metadata.reply_to_message_id)
-            pairs.append((sent[reply.metadata.reply_to_message_id], reply))
+            message, group = sent[reply.metadata.reply_to_message_id]
+            pairs += [(message, reply)] if len(group) == 1 else unbundle(message, reply, group)
         if got:
             delay = POLL_START_S
         else:
             time.sleep(delay)
             delay = min(delay * 1.5, POLL_MAX_S)
-    return pairs, len(pending)
+    return pairs, sum(len(sent[i][1]) for i in pending)
+
+
+def _by_node(messages: list[Message]) -> list[list[Message]]:
+    """The messages grouped by (destination node, message type), in the order first seen."""
+    groups: dict[tuple[int, str], list[Message]] = {}
+    for msg in messages:
+        groups.setdefault((msg.metadata.dst_node_id, msg.metadata.message_type), []).append(msg)
+    return list(groups.values())
 
 
 class Directory:

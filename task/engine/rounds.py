@@ -340,7 +340,7 @@ class Engine(Strategy):
     # --- messages -------------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], int]:
         """``exchange``, remembering which client each reply answers for."""
-        pairs, late = exchange(grid, messages, timeout)
+        pairs, late = exchange(grid, messages, timeout, bundled=self.cfg.node_messages == "bundled")
         self._reply_cid = {}
         answered = set()
         for sent, reply in pairs:

@@ -58,6 +58,7 @@ TOP_SCHEMA: Schema = {
     "reuse_freed_memory_mb": Field(int, 0),
     "node_wait_timeout": POSITIVE,
     "round_timeout": POSITIVE,
+    "node_messages": Field(str, choices=("bundled", "per_client")),
     "min_replies": COUNT,
     "client_threads": Field(int, 0),
     "resume": Field(str),
