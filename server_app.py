@@ -25,6 +25,7 @@ from task.run.config import compose_config
 from task.run.door import check_run
 from task.run.outputs import RunOutputs
 from task.run.runfolder import RunFolder
+from task.run.trackers import Trackers
 
 app = ServerApp()
 STOP_LINGER_S = 30.0
@@ -132,7 +133,7 @@ def main(grid: Grid, context: Context) -> None:
 def run(cfg: DictConfig, federation: Federation, strategy: Method, grid: Grid,
         directory: Path) -> RunOutputs:
     """Start or resume the rounds into ``directory``; raise if no round could aggregate."""
-    outputs = RunOutputs(directory)
+    outputs = RunOutputs(directory, clients=federation.clients)
     engine = Engine(strategy)
     first_round = 1
     if cfg.resume:
@@ -144,12 +145,15 @@ def run(cfg: DictConfig, federation: Federation, strategy: Method, grid: Grid,
         write_partition_report(federation, outputs.dir)
     log(INFO, "pflower: %s on %s; outputs in %s", cfg.strategy.name, cfg.dataset.name, outputs.dir)
 
-    def on_round(row: dict) -> None:
-        outputs.append_round(row)
-        log(INFO, "%s", progress_line(row, int(cfg.num_rounds)))
+    with Trackers(cfg, outputs.dir, stops=(StopRequestError,)) as trackers:
 
-    engine.start(grid, num_rounds=int(cfg.num_rounds), timeout=float(cfg.round_timeout),
-                 first_round=first_round, on_round=on_round, checkpoint_path=outputs.dir / CHECKPOINT)
+        def on_round(row: dict) -> None:
+            outputs.append_round(row)
+            trackers.log_round(row)
+            log(INFO, "%s", progress_line(row, int(cfg.num_rounds)))
+
+        engine.start(grid, num_rounds=int(cfg.num_rounds), timeout=float(cfg.round_timeout),
+                     first_round=first_round, on_round=on_round, checkpoint_path=outputs.dir / CHECKPOINT)
     nodes = engine.directory.deterministic_nodes
     log(INFO, "pflower: deterministic algorithms %s in the ServerApp, on in %s of %s ClientApp nodes",
         "on" if determinism_enabled() else "off", sum(nodes.values()), len(nodes))

@@ -6,13 +6,15 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from logging import WARNING
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from omegaconf import DictConfig, OmegaConf
+
+from task.run.client_table import CLIENTS_CSV, ClientInfo, csv_text
 
 
 def default_output_dir(cfg: DictConfig) -> Path:
@@ -84,12 +86,14 @@ def select_best_round(rows: list[dict]) -> dict | None:
 
 
 class RunOutputs:
-    """Writes ``config.yaml``, ``metrics.jsonl``, ``results.json`` and PNG plots."""
+    """Writes ``config.yaml``, ``metrics.jsonl``, ``results.json``, plots and, given the
+    federation's ``clients``, ``clients.csv``."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, clients: Sequence[ClientInfo] | None = None):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.clients = clients
 
     def write_config(self, cfg: DictConfig) -> None:
         atomic_write_text(self.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -99,6 +103,11 @@ class RunOutputs:
             row = {**row, "per_client_accuracy": dict(sorted(row["per_client_accuracy"].items()))}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(jsonable(row)) + "\n")
+        if self.clients is not None:
+            path = self.dir / CLIENTS_CSV
+            text = csv_text([jsonable(row)], self.clients, header=not path.exists())
+            with path.open("a") as f:
+                f.write(text)
 
     def rounds(self, drop_torn_tail: bool = False) -> list[dict]:
         """The rows of metrics.jsonl. A line that is not JSON is an error naming the file and
@@ -127,6 +136,8 @@ class RunOutputs:
         last line is dropped with a log line."""
         kept = [r for r in self.rounds(drop_torn_tail=True) if r["round"] <= last_round]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.clients is not None:
+            atomic_write_text(self.dir / CLIENTS_CSV, csv_text(kept, self.clients, header=True))
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.dir / name, json.dumps(jsonable(payload), indent=2))
