@@ -3,7 +3,8 @@
 For every row of the sweep (a combination of swept values other than the seed, e.g. one
 FedCLUP lam), from each run's ``metrics.jsonl``:
 
-- the final mean personalized accuracy (the last evaluated round), mean ± std over seeds;
+- the final mean personalized accuracy (the last evaluated round), mean ± sample std
+  (ddof=1) over seeds;
 - the first evaluated round whose mean personalized accuracy reaches ``target``, and the bytes
   training moved up to and including that round (cumulative ``bytes_up + bytes_down``;
   evaluation's downlink, ``eval_bytes_down``, is left out so that the figure does not depend on
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from task.run.seed_stats import format_mean_std, mean_std
 
 MB = 1e6
 
@@ -59,7 +62,8 @@ def short_labels(keys: list[str]) -> list[str]:
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    return (float(np.mean(values)), float(np.std(values))) if values else (None, None)
+    mean, std, _ = mean_std(values)
+    return mean, std
 
 
 def tradeoff_rows(groups: dict[str, list[Path]], target: float) -> list[dict[str, Any]]:
@@ -86,7 +90,7 @@ def tradeoff_rows(groups: dict[str, list[Path]], target: float) -> list[dict[str
 def _cell(row: dict, name: str, digits: int) -> str:
     if row["reached"] == 0:
         return "not reached"
-    text = f"{row[name]:.{digits}f} ± {row[f'{name}_std']:.{digits}f}"
+    text = format_mean_std(row[name], row[f"{name}_std"], digits)
     return text if row["reached"] == row["seeds"] else f"{text} ({row['reached']}/{row['seeds']} seeds)"
 
 
@@ -104,12 +108,13 @@ def write_report(groups: dict[str, list[Path]], out: Path, target: float) -> lis
              "| MB total |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['seeds']} | {r['final_mean']:.4f} ± {r['final_mean_std']:.4f} | "
+        final = format_mean_std(r["final_mean"], r["final_mean_std"])
+        lines.append(f"| {r['run']} | {r['seeds']} | {final} | "
                      f"{_cell(r, 'rounds_to_target', 1)} | {_cell(r, 'mbytes_to_target', 2)} | "
                      f"{r['mbytes_total']:.2f} |")
     lines += ["", f"Rounds and MB to {target:g}: the first evaluated round whose mean personalized accuracy "
               f"reaches {target:g}, and the bytes up + down through it (mean ± std over the seeds that "
-              "reached it)."]
+              "reached it; std: the sample standard deviation, ddof=1)."]
     (out / "tradeoff.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "tradeoff.png", target)
     return rows
