@@ -23,6 +23,7 @@ from task.engine.checkpoint import CHECKPOINT
 from task.engine.rounds import Engine
 from task.run.config import compose_config
 from task.run.door import check_run
+from task.run.figures import run_title
 from task.run.outputs import RunOutputs
 from task.run.runfolder import RunFolder
 from task.run.trackers import Trackers
@@ -123,7 +124,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         folder.release()
-    outputs.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
+    outputs.plot_accuracy(run_title(cfg.strategy.name, cfg.dataset.name))
     strategy.plot(outputs.rounds(), outputs.dir)
     for line in outputs.summary_lines(results):
         log(INFO, "%s", line)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from task.run import figures
 from task.run.seed_stats import format_mean_std, mean_std
 
 MB = 1e6
@@ -121,29 +122,28 @@ def write_report(groups: dict[str, list[Path]], out: Path, target: float) -> lis
 
 
 def plot(rows: list[dict], path: Path, target: float | None = None) -> Path:
-    """Mean personalized accuracy against rounds (left) and cumulative MB (right)."""
-    import matplotlib
+    """Mean personalized accuracy against rounds (left) and cumulative MB (right), as PNG and PDF."""
+    return figures.save(tradeoff_figure(rows, target), path)[0]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+@figures.styled
+def tradeoff_figure(rows: list[dict], target: float | None = None):
+    fig, (by_round, by_bytes) = figures.new_figure(width=10, height=3.8, ncols=2, sharey=True)
     for row in rows:
         length = min(len(c) for c in row["curves"])
         points = np.array([[p for p in c[:length]] for c in row["curves"]], dtype=float)  # seeds x rounds x 3
         rounds, mbytes, acc = points[0, :, 0], points[:, :, 1].mean(0) / MB, points[:, :, 2].mean(0)
-        line, = by_round.plot(rounds, acc, marker=".", label=row["run"])
-        by_bytes.plot(mbytes, acc, marker=".", color=line.get_color())
-    for ax, xlabel in ((by_round, "round"), (by_bytes, "MB communicated (up + down, cumulative)")):
+        label = f"{figures.override_label(row['run'])} (n={len(row['curves'])})"
+        line, = by_round.plot(rounds, acc, marker=".", label=label)
+        by_bytes.plot(mbytes, acc, marker=".", color=line.get_color(), label=label)
+    for ax in (by_round, by_bytes):
         if target is not None:
-            ax.axhline(target, color="k", linestyle="--", linewidth=1)
-        ax.set(xlabel=xlabel, ylim=(0, 1))
-        ax.grid(alpha=0.3)
-    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
-    by_round.set_ylabel("mean personalized accuracy")
-    by_round.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+            ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:g}")
+        ax.set(ylim=(0, 1))
+    figures.integer_rounds(by_round)
+    by_bytes.set_xlabel("MB communicated (up + down, cumulative)")
+    by_round.set_ylabel("mean personalized test accuracy")
+    by_round.set_title("Accuracy per round")
+    by_bytes.set_title("Accuracy per MB communicated")
+    figures.legend(by_bytes, "beside")
+    return fig

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 
 from omegaconf import DictConfig, OmegaConf
 
+from task.run import figures
 from task.run.client_table import CLIENTS_CSV, ClientInfo, csv_text
 
 
@@ -200,26 +201,26 @@ class RunOutputs:
         return lines
 
     def plot_accuracy(self, title: str) -> Path:
-        """accuracy.png: mean, worst-client and global accuracy per round."""
-        import matplotlib
+        """accuracy.png and .pdf: the personal models' mean, worst-client and validation
+        accuracy and the global model's, per round (``task.run.figures``' style)."""
+        return figures.save(accuracy_figure(self.rounds(), title), self.dir / "accuracy.png")[0]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        rows = [r for r in self.rounds() if r.get("personalized_accuracy")]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [r["round"] for r in rows]
-        ax.plot(xs, [r["personalized_accuracy"]["mean"] for r in rows], "o-", label="personal, mean")
-        ax.plot(xs, [r["personalized_accuracy"]["worst"] for r in rows], "v--",
-                label="personal, worst client")
-        glob = [(r["round"], r["global_accuracy"]) for r in rows if r.get("global_accuracy") is not None]
-        if glob:
-            ax.plot(*zip(*glob, strict=True), "s-", label="global model")
-        ax.set(xlabel="round", ylabel="test accuracy", title=title, ylim=(0, 1))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = self.dir / "accuracy.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+@figures.styled
+def accuracy_figure(rows: list[dict], title: str):
+    """The figure of ``plot_accuracy``: one line per accuracy a round reports."""
+    rows = [r for r in rows if r.get("personalized_accuracy")]
+    fig, ax = figures.new_figure()
+    xs = [r["round"] for r in rows]
+    for key, style, label in (("mean", "o-", "test mean"), ("worst", "v--", "test worst client")):
+        ax.plot(xs, [r["personalized_accuracy"][key] for r in rows], style, label=f"personal models, {label}")
+    val = [(r["round"], r["validation_accuracy"]["mean"]) for r in rows if r.get("validation_accuracy")]
+    if val:
+        ax.plot(*zip(*val, strict=True), "d:", label="personal models, validation mean")
+    glob = [(r["round"], r["global_accuracy"]) for r in rows if r.get("global_accuracy") is not None]
+    if glob:
+        ax.plot(*zip(*glob, strict=True), "s-", label="global model, test")
+    ax.set(ylabel="accuracy", title=title, ylim=(0, 1))
+    figures.integer_rounds(ax)
+    figures.legend(ax)
+    return fig

@@ -32,7 +32,7 @@ import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 
-from task.run import launch
+from task.run import figures, launch
 from task.run.outputs import select_best_round
 from task.run.runfolder import read_lock, read_status
 from task.run.seed_stats import band, format_mean_std, mean_std
@@ -189,28 +189,31 @@ def _write_tables(rows: list[dict], out: Path) -> None:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    """summary.png and .pdf: each row's mean personalized accuracy per round over its seeds,
+    the band one sample standard deviation either side."""
+    figures.save(summary_figure(rows), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
+@figures.styled
+def summary_figure(rows: list[dict]):
+    from task.algorithms.tradeoff import short_labels
+    fig, ax = figures.new_figure(width=6.5)
+    labels = short_labels([row["run"] for row in rows]) if rows else []
+    for row, label in zip(rows, labels, strict=True):
         curves = [c for c in row["curves"] if c]
         if not curves:
             continue
         length = min(len(c) for c in curves)
         xs = [x for x, _ in curves[0][:length]]
-        ys = np.array([[y for _, y in c[:length]] for c in curves])
-        mean, std = band(ys)
-        ax.plot(xs, mean, label=row["run"])
-        ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel="round", ylabel="mean personalized accuracy", ylim=(0, 1))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        mean, std = band(np.array([[y for _, y in c[:length]] for c in curves]))
+        line, = ax.plot(xs, mean, marker=".", label=f"{figures.override_label(label)} (n={len(curves)})")
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=line.get_color(), linewidth=0)
+    ax.set(ylabel="mean personalized test accuracy", ylim=(0, 1),
+           title="Mean over seeds, band: ± one sample std")
+    figures.integer_rounds(ax)
+    if rows:
+        figures.legend(ax, "below" if len(rows) <= 4 else "beside")
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
