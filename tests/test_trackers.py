@@ -128,6 +128,10 @@ def test_a_missing_tracker_package_is_a_door_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name))
     check_trackers(tiny_cfg("logger=[tensorboard,mlflow]"))
+    with pytest.raises(ConfigError, match=r"is not a folder this user can write in"):
+        check_trackers(tiny_cfg(f"logger=tensorboard logger.tensorboard.dir={__file__}/tb"))
+    with pytest.raises(ConfigError, match=r"tracking_uri='mlruns' is no MLflow store"):
+        check_trackers(tiny_cfg("logger=mlflow logger.mlflow.tracking_uri=mlruns"))
     with pytest.raises(ConfigError, match=r"needs the package\(s\) wandb.*pip install 'pflower\[wandb\]'"):
         check_trackers(tiny_cfg("logger=[tensorboard,wandb]"))
 

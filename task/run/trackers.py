@@ -30,7 +30,9 @@ NOT_SCALARS = ("round", "missing_clients", "byzantine_clients", "excluded_client
 RENAMED = {"personalized_accuracy": "personal", "validation_accuracy": "validation",
            "global_accuracy": "global/accuracy", "train_loss": "train/loss", "group_accuracy": "group",
            "bytes_up": "comm/bytes_up", "bytes_down": "comm/bytes_down",
-           "eval_bytes_down": "comm/eval_bytes_down"}
+           "eval_bytes_down": "comm/eval_bytes_down",
+           **{key: f"round/{key}" for key in ("sampled_clients", "evaluated_clients", "rejected_replies",
+                                              "discarded_uploads", "late_replies", "seconds")}}
 HPARAM_METRICS = ("personal/mean", "personal/worst", "validation/mean", "global/accuracy")
 
 
@@ -40,8 +42,19 @@ def chosen(cfg: DictConfig) -> list[str]:
     return [name for name in PACKAGES if name in section]
 
 
+MLFLOW_SCHEMES = ("http://", "https://", "sqlite:///", "file:", "databricks")
+
+
 def check_trackers(cfg: DictConfig) -> None:
-    """Refuse a chosen tracker whose package is missing, naming the pip command."""
+    """Refuse a chosen tracker whose package is missing (naming the pip command), and an MLflow
+    tracking_uri of no kind MLflow stores to."""
+    uri = str(cfg.logger.mlflow.tracking_uri) if "mlflow" in chosen(cfg) else ""
+    if uri and not uri.startswith(MLFLOW_SCHEMES):
+        raise ConfigError(f"logger.mlflow.tracking_uri={uri!r} is no MLflow store: give a server "
+                          f"(http://host:5000), a database (sqlite:////abs/path/mlflow.db), or leave it "
+                          "empty for <run folder>/mlflow.db")
+    if "tensorboard" in chosen(cfg):
+        _check_folder(Path(str(cfg.logger.tensorboard.dir)).expanduser(), "logger.tensorboard.dir")
     for name in chosen(cfg):
         modules, extra = PACKAGES[name]
         missing = [m for m in modules if importlib.util.find_spec(m) is None]
@@ -50,6 +63,16 @@ def check_trackers(cfg: DictConfig) -> None:
         if missing:
             raise ConfigError(f"logger={name} needs the package(s) {', '.join(missing)}, not installed: "
                               f"pip install 'pflower[{extra}]' (or leave {name} out of logger=)")
+
+
+def _check_folder(path: Path, key: str) -> None:
+    """An absolute folder must be one this user can make (a relative one is in the run folder)."""
+    if not path.is_absolute():
+        return
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: {existing} is not a folder this user can write in; give a "
+                          "writable folder, or a path relative to the run folder (the default: tensorboard)")
 
 
 def round_scalars(row: dict) -> dict[str, float]:
