@@ -146,13 +146,14 @@ def run(cfg: DictConfig, federation: Federation, strategy: Method, grid: Grid,
         write_partition_report(federation, outputs.dir)
     log(INFO, "pflower: %s on %s; outputs in %s", cfg.strategy.name, cfg.dataset.name, outputs.dir)
 
-    with Trackers(cfg, outputs.dir, stops=(StopRequestError,)) as trackers:
+    trackers = Trackers(cfg, outputs.dir, stops=(StopRequestError,))
 
-        def on_round(row: dict) -> None:
-            outputs.append_round(row)
-            trackers.log_round(row)
-            log(INFO, "%s", progress_line(row, int(cfg.num_rounds)))
+    def on_round(row: dict) -> None:
+        outputs.append_round(row)
+        trackers.log_round(row)
+        log(INFO, "%s", progress_line(row, int(cfg.num_rounds)))
 
+    with trackers:  # closed however the rounds end: finished, stopped or failed
         engine.start(grid, num_rounds=int(cfg.num_rounds), timeout=float(cfg.round_timeout),
                      first_round=first_round, on_round=on_round, checkpoint_path=outputs.dir / CHECKPOINT)
     nodes = engine.directory.deterministic_nodes

@@ -136,7 +136,7 @@ def test_a_missing_tracker_package_is_a_door_error(monkeypatch):
         check_trackers(tiny_cfg("logger=[tensorboard,wandb]"))
 
 
-def test_a_failed_run_ends_its_mlflow_run_failed_and_a_resume_goes_on_in_it(tmp_path):
+def test_a_failed_run_ends_its_mlflow_run_failed_a_resume_goes_on_in_it_a_stop_kills_it(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from task.run.trackers import Trackers
@@ -152,3 +152,11 @@ def test_a_failed_run_ends_its_mlflow_run_failed_and_a_resume_goes_on_in_it(tmp_
     assert client.get_run(run_id).info.status == "FINISHED"
     history = client.get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 0.9), (2, 0.5)]
+
+    class StopError(Exception):
+        pass
+
+    resumed = tiny_cfg(f"logger=mlflow resume={tmp_path}")
+    with pytest.raises(StopError), Trackers(resumed, tmp_path, stops=(StopError,)):
+        raise StopError  # the ServerApp's StopRequestError: pflower-sim or flwr stop asked
+    assert client.get_run(run_id).info.status == "KILLED"
