@@ -62,7 +62,9 @@ def all_figures(tmp_path):
 
 
 def test_every_figure_is_readable_and_whole(tmp_path):
-    for name, fig in all_figures(tmp_path):
+    built = all_figures(tmp_path)
+    assert (tmp_path / "summary.pdf").read_bytes()[:5] == b"%PDF-"  # summarize() wrote both formats
+    for name, fig in built:
         assert figures.outside_canvas(fig) == [], name
         for ax in fig.axes:
             lines = [line for line in ax.get_lines() if len(line.get_xdata()) > 1]
@@ -104,12 +106,13 @@ def test_each_plot_is_written_as_png_and_pdf(tmp_path):
         assert pdf.read_bytes()[:5] == b"%PDF-", pdf
 
 
-@pytest.mark.parametrize("n", [1, 40])
-def test_the_partition_figure_fits_any_client_count(n):
-    summary = {"num_classes": 10, "num_clients": n, "domain_names": ["plain", "inverted"],
-               "clients": [{"train_labels": [5] * 10, "domain": i % 2} for i in range(n)]}
+@pytest.mark.parametrize(("n", "classes"), [(1, 10), (40, 10), (12, 100)])
+def test_the_partition_figure_fits_any_client_and_class_count(n, classes):
+    summary = {"num_classes": classes, "num_clients": n, "domain_names": ["plain", "inverted"],
+               "clients": [{"train_labels": [5] * classes, "domain": i % 2} for i in range(n)]}
     fig = partition_figure(summary)
     assert figures.outside_canvas(fig) == []
+    assert len(fig.axes) == (2 if classes > 20 else 1)  # many classes: a colour scale instead of a legend
     matplotlib.pyplot.close(fig)
 
 

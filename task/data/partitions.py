@@ -366,4 +366,7 @@ def partition_figure(summary: dict):
     ax.set_title(f"Label distribution per client ({clients}, {C} classes)")
     if C <= 20:
         figures.legend(ax, "beside", title="class", ncol=2 if C > 10 else 1)
+    else:  # too many classes for a legend: the colour scale names them
+        scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, C - 1), cmap)
+        fig.colorbar(scale, ax=ax, label="class")
     return fig
