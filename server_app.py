@@ -23,8 +23,10 @@ from task.engine.checkpoint import CHECKPOINT
 from task.engine.rounds import Engine
 from task.run.config import compose_config
 from task.run.door import check_run
+from task.run.figures import run_title
 from task.run.outputs import RunOutputs
 from task.run.runfolder import RunFolder
+from task.run.trackers import Trackers
 
 app = ServerApp()
 STOP_LINGER_S = 30.0
@@ -122,7 +124,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         folder.release()
-    outputs.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
+    outputs.plot_accuracy(run_title(cfg.strategy.name, cfg.dataset.name))
     strategy.plot(outputs.rounds(), outputs.dir)
     for line in outputs.summary_lines(results):
         log(INFO, "%s", line)
@@ -132,7 +134,7 @@ def main(grid: Grid, context: Context) -> None:
 def run(cfg: DictConfig, federation: Federation, strategy: Method, grid: Grid,
         directory: Path) -> RunOutputs:
     """Start or resume the rounds into ``directory``; raise if no round could aggregate."""
-    outputs = RunOutputs(directory)
+    outputs = RunOutputs(directory, clients=federation.clients)
     engine = Engine(strategy)
     first_round = 1
     if cfg.resume:
@@ -144,12 +146,16 @@ def run(cfg: DictConfig, federation: Federation, strategy: Method, grid: Grid,
         write_partition_report(federation, outputs.dir)
     log(INFO, "pflower: %s on %s; outputs in %s", cfg.strategy.name, cfg.dataset.name, outputs.dir)
 
+    trackers = Trackers(cfg, outputs.dir, stops=(StopRequestError,))
+
     def on_round(row: dict) -> None:
         outputs.append_round(row)
+        trackers.log_round(row)
         log(INFO, "%s", progress_line(row, int(cfg.num_rounds)))
 
-    engine.start(grid, num_rounds=int(cfg.num_rounds), timeout=float(cfg.round_timeout),
-                 first_round=first_round, on_round=on_round, checkpoint_path=outputs.dir / CHECKPOINT)
+    with trackers:  # closed however the rounds end: finished, stopped or failed
+        engine.start(grid, num_rounds=int(cfg.num_rounds), timeout=float(cfg.round_timeout),
+                     first_round=first_round, on_round=on_round, checkpoint_path=outputs.dir / CHECKPOINT)
     nodes = engine.directory.deterministic_nodes
     log(INFO, "pflower: deterministic algorithms %s in the ServerApp, on in %s of %s ClientApp nodes",
         "on" if determinism_enabled() else "off", sum(nodes.values()), len(nodes))

@@ -19,10 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from task.run.seed_stats import format_mean_std, mean_std  # noqa: E402 - after the path
 
 METHODS = ("fedavg", "fedavg_ft", "local", "fedbn", "ditto", "fedper", "fedrep", "fedbabu",
            "lgfedavg", "apfl")
@@ -41,8 +41,8 @@ def one_run(runner, name: str, overrides: str, clients: int) -> dict[str, float 
 def cell(values: list[float | None], digits: int = 4) -> str:
     if any(v is None for v in values):
         return "—"
-    mean, std = float(np.mean(values)), float(np.std(values))
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+    mean, std, _ = mean_std(values)  # the sample std (ddof=1) over the seeds
+    return format_mean_std(mean, std, digits)
 
 
 def main() -> int:

@@ -59,6 +59,7 @@ from task.algorithms.lowrank import (
 from task.core.messages import array_spec
 from task.core.params import StateDict, message_state, model_state, num_bytes
 from task.core.training import Penalty
+from task.run import figures
 from task.run.schema import COUNT, POSITIVE, Field, register_strategy_schema
 
 from .base import Method
@@ -292,25 +293,22 @@ class FedSLRClient(ClientMethod):
 
 
 def plot_fedslr(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Rank fraction of w_s, sparsity of p and the downlink ratio per round (key ``fedslr``)."""
-    import matplotlib
+    """Rank fraction of w_s, sparsity of p and the downlink ratio per round (key ``fedslr``),
+    as PNG and PDF."""
+    return figures.save(fedslr_figure(rows), path)[0]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+@figures.styled
+def fedslr_figure(rows: list[dict[str, Any]]):
     series = {"rank of w_s / full rank": "rank_fraction", "sparsity of p (mean)": P_SPARSITY,
               "w_s message / dense model (bytes)": "downlink_ratio"}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figures.new_figure()
     for label, key in series.items():
         points = [(int(r["round"]), float(r["fedslr"][key])) for r in rows
                   if (r.get("fedslr") or {}).get(key) is not None]
         if points:
             ax.plot(*zip(*points, strict=True), "o-", markersize=3, label=label)
-    ax.set_xlabel("round")
-    ax.set_ylim(0, 1.05)
-    ax.legend()
-    ax.set_title("FedSLR: low-rank w_s, sparse p, downlink")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    ax.set(ylabel="fraction", ylim=(0, 1.05), title="FedSLR: low-rank w_s, sparse p, downlink")
+    figures.integer_rounds(ax)
+    figures.legend(ax)
+    return fig

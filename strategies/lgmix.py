@@ -47,6 +47,7 @@ from torch import nn
 from task.core.messages import array_spec
 from task.core.models import last_linear
 from task.core.params import StateDict, model_state, subtract
+from task.run import figures
 from task.run.schema import register_strategy_schema
 
 from .base import Method
@@ -264,36 +265,39 @@ class LGMixClient(ClientMethod):
         return self.report(personal, self.model("global", received))
 
 
+LABELLED_CLIENTS = 10  # more client lines share one legend entry
+CBAR = r"$\bar{c}_i$"
+
+
 def plot_cbar(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Plot each client's cbar_i over rounds from metrics.jsonl rows (key ``lgmix``) to a PNG,
-    with the round's mean c_i (dashed) beside the mean cbar_i (black).
+    """Plot each client's cbar_i over rounds from metrics.jsonl rows (key ``lgmix``) to PNG and
+    PDF, with the round's mean c_i (dashed) beside the mean cbar_i (black).
 
     A client appears at the rounds it took part in; cbar_i is constant in between.
     """
-    import matplotlib
+    return figures.save(cbar_figure(rows), path)[0]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+@figures.styled
+def cbar_figure(rows: list[dict[str, Any]]):
     series: dict[int, list[tuple[int, float]]] = {}
     for row in rows:
         for cid, values in (row.get("lgmix") or {}).items():
             series.setdefault(int(cid), []).append((int(row["round"]), float(values["cbar"])))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for cid, points in sorted(series.items()):
-        ax.plot(*zip(*points, strict=True), "o-", markersize=3, alpha=0.6, label=f"client {cid}")
-    for key, style, label in (("lgmix_cbar_mean", "k-", "mean cbar_i"), ("lgmix_c_mean", "k--", "mean c_i")):
+    fig, ax = figures.new_figure()
+    few = len(series) <= LABELLED_CLIENTS
+    for i, (cid, points) in enumerate(sorted(series.items())):
+        label = f"client {cid}: {CBAR}" if few else (f"each client's {CBAR}" if i == 0 else None)
+        ax.plot(*zip(*points, strict=True), "o-", markersize=3, alpha=0.6, linewidth=1,
+                color=None if few else "0.6", label=label)
+    means = (("lgmix_cbar_mean", "k-", f"mean {CBAR}"), ("lgmix_c_mean", "k--", "mean $c_i$"))
+    for key, style, label in means:
         points = [(int(r["round"]), float(r[key])) for r in rows if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points, strict=True), style, linewidth=2, label=label)
-    ax.set(xlabel="round", ylabel="weight of the local update", title="LG-Mix: c_i per round, cbar_i",
-           ylim=(0, 1))
-    ax.grid(alpha=0.3)
+    ax.set(ylabel="weight of the local update", ylim=(0, 1),
+           title=f"LG-Mix: the round's $c_i$ and the running mean {CBAR}")
+    figures.integer_rounds(ax)
     if series:
-        ax.legend(fontsize="small", ncol=2, loc="lower left")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        figures.legend(ax, "beside")
+    return fig

@@ -36,10 +36,15 @@ def test_summary_averages_over_seeds_and_writes_table_and_plot(tmp_path):
     rows = summarize({"strategy=a": [tmp_path / "a0", tmp_path / "a1"],
                       "strategy=b": [tmp_path / "b0"]}, tmp_path)
     a = rows[0]
-    assert a["seeds"] == 2 and abs(a["final_mean"] - 0.7) < 1e-12 and abs(a["final_mean_std"] - 0.1) < 1e-12
+    # the sample standard deviation (ddof=1) of 0.6 and 0.8: 0.1414 (np.std's default: 0.1)
+    assert a["seeds"] == 2 and abs(a["final_mean"] - 0.7) < 1e-12
+    assert abs(a["final_mean_std"] - 0.02 ** 0.5) < 1e-12 and a["final_mean_n"] == 2
     assert abs(a["mbytes_total"] - 3.0) < 1e-12 and rows[1]["final_global"] is None
+    assert rows[1]["final_global_n"] == 0 and rows[1]["final_mean_std"] is None  # one seed: no std
     table = (tmp_path / "summary.md").read_text()
-    assert "0.7000 ± 0.1000" in table and "| strategy=b | 1 |" in table
+    assert "0.7000 ± 0.1414" in table and "| strategy=b | 1 | 0.4000 |" in table
+    header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["run", "seeds", "final_mean", "final_mean_std", "final_mean_n"]
     assert (tmp_path / "summary.png").stat().st_size > 0 and (tmp_path / "summary.csv").exists()
 
 

@@ -3,7 +3,8 @@
 For every row of the sweep (a combination of swept values other than the seed, e.g. one
 FedCLUP lam), from each run's ``metrics.jsonl``:
 
-- the final mean personalized accuracy (the last evaluated round), mean ± std over seeds;
+- the final mean personalized accuracy (the last evaluated round), mean ± sample std
+  (ddof=1) over seeds;
 - the first evaluated round whose mean personalized accuracy reaches ``target``, and the bytes
   training moved up to and including that round (cumulative ``bytes_up + bytes_down``;
   evaluation's downlink, ``eval_bytes_down``, is left out so that the figure does not depend on
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from task.run import figures
+from task.run.seed_stats import format_mean_std, mean_std
 
 MB = 1e6
 
@@ -59,7 +63,8 @@ def short_labels(keys: list[str]) -> list[str]:
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    return (float(np.mean(values)), float(np.std(values))) if values else (None, None)
+    mean, std, _ = mean_std(values)
+    return mean, std
 
 
 def tradeoff_rows(groups: dict[str, list[Path]], target: float) -> list[dict[str, Any]]:
@@ -86,7 +91,7 @@ def tradeoff_rows(groups: dict[str, list[Path]], target: float) -> list[dict[str
 def _cell(row: dict, name: str, digits: int) -> str:
     if row["reached"] == 0:
         return "not reached"
-    text = f"{row[name]:.{digits}f} ± {row[f'{name}_std']:.{digits}f}"
+    text = format_mean_std(row[name], row[f"{name}_std"], digits)
     return text if row["reached"] == row["seeds"] else f"{text} ({row['reached']}/{row['seeds']} seeds)"
 
 
@@ -104,41 +109,41 @@ def write_report(groups: dict[str, list[Path]], out: Path, target: float) -> lis
              "| MB total |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['seeds']} | {r['final_mean']:.4f} ± {r['final_mean_std']:.4f} | "
+        final = format_mean_std(r["final_mean"], r["final_mean_std"])
+        lines.append(f"| {r['run']} | {r['seeds']} | {final} | "
                      f"{_cell(r, 'rounds_to_target', 1)} | {_cell(r, 'mbytes_to_target', 2)} | "
                      f"{r['mbytes_total']:.2f} |")
     lines += ["", f"Rounds and MB to {target:g}: the first evaluated round whose mean personalized accuracy "
               f"reaches {target:g}, and the bytes up + down through it (mean ± std over the seeds that "
-              "reached it)."]
+              "reached it; std: the sample standard deviation, ddof=1)."]
     (out / "tradeoff.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "tradeoff.png", target)
     return rows
 
 
 def plot(rows: list[dict], path: Path, target: float | None = None) -> Path:
-    """Mean personalized accuracy against rounds (left) and cumulative MB (right)."""
-    import matplotlib
+    """Mean personalized accuracy against rounds (left) and cumulative MB (right), as PNG and PDF."""
+    return figures.save(tradeoff_figure(rows, target), path)[0]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+@figures.styled
+def tradeoff_figure(rows: list[dict], target: float | None = None):
+    fig, (by_round, by_bytes) = figures.new_figure(width=10, height=3.8, ncols=2, sharey=True)
     for row in rows:
         length = min(len(c) for c in row["curves"])
         points = np.array([[p for p in c[:length]] for c in row["curves"]], dtype=float)  # seeds x rounds x 3
         rounds, mbytes, acc = points[0, :, 0], points[:, :, 1].mean(0) / MB, points[:, :, 2].mean(0)
-        line, = by_round.plot(rounds, acc, marker=".", label=row["run"])
-        by_bytes.plot(mbytes, acc, marker=".", color=line.get_color())
-    for ax, xlabel in ((by_round, "round"), (by_bytes, "MB communicated (up + down, cumulative)")):
+        label = f"{figures.override_label(row['run'])} (n={len(row['curves'])})"
+        line, = by_round.plot(rounds, acc, marker=".", label=label)
+        by_bytes.plot(mbytes, acc, marker=".", color=line.get_color(), label=label)
+    for ax in (by_round, by_bytes):
         if target is not None:
-            ax.axhline(target, color="k", linestyle="--", linewidth=1)
-        ax.set(xlabel=xlabel, ylim=(0, 1))
-        ax.grid(alpha=0.3)
-    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
-    by_round.set_ylabel("mean personalized accuracy")
-    by_round.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+            ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:g}")
+        ax.set(ylim=(0, 1))
+    figures.integer_rounds(by_round)
+    by_bytes.set_xlabel("MB communicated (up + down, cumulative)")
+    by_round.set_ylabel("mean personalized test accuracy")
+    by_round.set_title("Accuracy per round")
+    by_bytes.set_title("Accuracy per MB communicated")
+    figures.legend(by_bytes, "beside")
+    return fig

@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from task.data.federation import ClientData, Federation
 from task.data.partition_file import read_partition_file
 from task.data.sources import Source
+from task.run import figures
 
 PARTITIONS = ("iid", "dirichlet", "pathological", "domains", "rotation", "relabel", "class_groups", "file")
 
@@ -326,43 +327,46 @@ PLOTTED_CLIENTS = 100  # a bar per client: 10,000 made a 385,000-pixel-wide figu
 
 
 def write_partition_report(federation: Federation, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``partition.json`` (every client) and ``partition.png`` (stacked label bars of the
-    first ``PLOTTED_CLIENTS`` clients) to ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Write ``partition.json`` (every client) and ``partition.png``/``.pdf`` (stacked label bars
+    of the first ``PLOTTED_CLIENTS`` clients) to ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = partition_summary(federation)
     json_path = out_dir / "partition.json"
     json_path.write_text(json.dumps(summary, indent=1))
+    png_path = figures.save(partition_figure(summary), out_dir / "partition.png")[0]
+    return json_path, png_path
+
+
+@figures.styled
+def partition_figure(summary: dict):
+    """Training samples per class for each shown client, one stacked bar a client."""
+    import matplotlib
 
     C, total = summary["num_classes"], summary["num_clients"]
     shown = summary["clients"][:PLOTTED_CLIENTS]
     n = len(shown)
     counts = np.array([c["train_labels"] for c in shown], dtype=np.float64).reshape(n, C)
-    cmap = plt.get_cmap("tab10" if C <= 10 else "tab20" if C <= 20 else "viridis")
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n + 2), 4.5))
+    fig, ax = figures.new_figure(width=max(6.0, 0.3 * n + 2.5), height=4.2)
+    cmap = matplotlib.colormaps["tab10" if C <= 10 else "tab20" if C <= 20 else "viridis"]
     bottom = np.zeros(n)
     xs = np.arange(n)
     for c in range(C):
         color = cmap(c) if C <= 20 else cmap(c / max(C - 1, 1))
         ax.bar(xs, counts[:, c], bottom=bottom, color=color, width=0.85, label=str(c) if C <= 20 else None)
         bottom += counts[:, c]
+    ax.grid(False, axis="x")
     ax.set_xticks(xs)
-    ax.set_xticklabels([f"{i}\n{c['domain']}" for i, c in enumerate(shown)],
-                       fontsize=7 if n <= 30 else 5)
-    names = ", ".join(f"{k}={v}" for k, v in enumerate(summary["domain_names"]))
-    ax.set_xlabel(f"client / domain or cluster id ({names})" if len(names) < 90 else "client / domain id")
+    ax.set_xticklabels([f"{i}\n{c['domain']}" for i, c in enumerate(shown)], fontsize=7 if n <= 30 else 5)
+    names = ", ".join(f"{k} = {v}" for k, v in enumerate(summary["domain_names"]))
+    ax.set_xlabel(f"client, and below it its domain or cluster ({names})" if len(names) < 90
+                  else "client, and below it its domain or cluster id")
     ax.set_ylabel("training samples")
     clients = f"{n} clients" if n == total else f"first {n} of {total} clients; partition.json has all"
     ax.set_title(f"Label distribution per client ({clients}, {C} classes)")
     if C <= 20:
-        ax.legend(title="class", fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    png_path = out_dir / "partition.png"
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return json_path, png_path
+        figures.legend(ax, "beside", title="class", ncol=2 if C > 10 else 1)
+    else:  # too many classes for a legend: the colour scale names them
+        scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, C - 1), cmap)
+        fig.colorbar(scale, ax=ax, label="class")
+    return fig

@@ -55,6 +55,17 @@ def summarize_scores(scores: list[tuple[int, dict]], excluded: set[int],
     return MetricRecord(result)
 
 
+def client_details(scores: list[tuple[int, dict]], has_global_model: bool) -> dict[str, dict[int, float]]:
+    """Each scored client's validation accuracy, global-model accuracy and test loss, by client
+    id (clients.csv's columns beside ``per_client_accuracy``)."""
+    keys = {"per_client_validation": "validation_accuracy", "per_client_loss": "loss"}
+    if has_global_model:
+        keys["per_client_global"] = "global_accuracy"
+    details = {row_key: {cid: float(m[key]) for cid, m in scores if key in m}
+               for row_key, key in keys.items()}
+    return {row_key: values for row_key, values in details.items() if values}
+
+
 def group_accuracy(per_client: dict[int, float], groups_of: list[int], names: list[str],
                    excluded: set[int]) -> dict[str, float]:
     """Mean accuracy of each domain/cluster's clients (over the clients that reported;

@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from task.core.messages import ARRAYS, CONFIG, EVAL_ARRAYS, RoundStats, TrainReply
 from task.core.params import StateDict, to_record
 from task.engine import checkpoint
-from task.engine.evaluation import eval_row, eval_sample, summarize_scores
+from task.engine.evaluation import client_details, eval_row, eval_sample, summarize_scores
 from task.engine.exchange import Directory, exchange
 from task.engine.replies import validate_eval_reply, validate_train_reply
 from task.threat.byzantine import ThreatModel
@@ -82,6 +82,8 @@ class Engine(Strategy):
         self._sent: dict[int, StateDict] = {}  # what each sampled client was sent this round
         self._sent_specs: dict[int, dict] = {}
         self._aggregated: list[int] = []
+        self._train_losses: dict[int, float] = {}  # the last aggregation's, by client
+        self._scores: list[tuple[int, dict]] = []  # the last evaluation's valid scores
         self._eval_sample = eval_sample(int(self.cfg.seed), self.num_clients,
                                         float(self.cfg.get("eval_fraction", 1.0)))
         self._reply_cid: dict[str, int] = {}  # message id -> client it was sent for
@@ -169,6 +171,7 @@ class Engine(Strategy):
             "sampled_clients": len(messages),
             "personalized_accuracy": None,
             "global_accuracy": None,
+            "per_client_train_loss": dict(self._train_losses) if train_metrics else {},
         }
         if evaluate:
             row.update(self._evaluate(grid, server_round, timeout, scored))
@@ -191,6 +194,7 @@ class Engine(Strategy):
         if metrics is not None:
             method = self.method
             row.update(eval_row(metrics, method.client_groups, method.group_names, method.excluded_clients))
+            row.update(client_details(self._scores, method.has_global_model))
         return row
 
     def _counters(self, started: float) -> dict[str, Any]:
@@ -296,6 +300,8 @@ class Engine(Strategy):
             return None
         method.aggregate_replies(server_round, valid)
         self._aggregated = [r.cid for r in valid]
+        self._train_losses = {r.cid: float(r.metrics["train_loss"]) for r in valid
+                              if "train_loss" in r.metrics}
         total = sum(r.num_examples for r in valid)
         loss = sum(r.metrics.get("train_loss", 0.0) * r.num_examples for r in valid) / total
         return MetricRecord({"train_loss": loss, "num-replies": len(valid)})
@@ -331,6 +337,7 @@ class Engine(Strategy):
             if score is not None:
                 scores.append(score)
         scores.sort(key=lambda s: s[0])  # arrival order must not change the floating-point sums
+        self._scores = scores
         return summarize_scores(scores, self.method.excluded_clients, self.method.has_global_model)
 
     def summary(self) -> None:

@@ -27,6 +27,9 @@ from task.run.schema import (
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("strategy", "dataset", "partition", "model", "aggregator", "attack")
+# A group of which a run may select several options (``logger=[tensorboard,mlflow]``): each
+# option's file holds one key below ``logger``, so the selected ones merge side by side.
+LOGGER = "logger"
 # Paper presets: ``+experiment=NAME`` merges conf/experiment/NAME.yaml (``# @package _global_``)
 # over the defaults; later overrides on the same command line still win.
 PRESETS = "experiment"
@@ -143,6 +146,14 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
 }
 
 
+# logger option -> its keys (conf/logger/<option>.yaml; none.yaml adds no key).
+LOGGER_SCHEMAS: dict[str, Schema] = {
+    "tensorboard": {"dir": Field(str)},
+    "wandb": {"project": Field(str), "mode": Field(str, choices=("offline", "online"))},
+    "mlflow": {"experiment": Field(str), "tracking_uri": Field(str)},
+}
+
+
 def split_overrides(overrides: str) -> list[str]:
     """Split the ``overrides`` string of the run config like a shell would."""
     return shlex.split(overrides or "")
@@ -179,11 +190,13 @@ def _explain(err: Exception, args: list[str]) -> str:
     unknown = re.search(r"Could not override '(\w+)\.([\w.]+)'", text)
     if unknown and unknown.group(1) in GROUPS:
         return _explain_group_key(unknown.group(1), unknown.group(2), args)
-    for group in (*GROUPS, PRESETS):
+    if unknown and unknown.group(1) == LOGGER:
+        return _explain_logger_key(unknown.group(2), args)
+    for group in (*GROUPS, LOGGER, PRESETS):
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         if f"'{group}/" in text or f"'{group}'" in text:
             return f"{text}\nValid choices for '{group}': {', '.join(options)}"
-    top = ", ".join(sorted(TOP_SCHEMA)) + ", " + ", ".join(GROUPS)
+    top = ", ".join(sorted(TOP_SCHEMA)) + ", " + ", ".join((*GROUPS, LOGGER))
     return (f"{text}\nOverrides given: {args}\nValid top-level keys: {top}; "
             f"presets: +{PRESETS}=<{'|'.join(available_presets())}>")
 
@@ -200,6 +213,20 @@ def _explain_group_key(group: str, key: str, args: list[str]) -> str:
     return f"unknown key {group}.{key} for {group}={option}; its keys: {valid}"
 
 
+def _explain_logger_key(key: str, args: list[str]) -> str:
+    """An override of a key below ``logger``: a tracker not selected, or not one of its keys."""
+    tracker, _, rest = key.partition(".")
+    choices = ", ".join(sorted(LOGGER_SCHEMAS))
+    if tracker not in LOGGER_SCHEMAS:
+        return f"logger.{key}: there is no logger {tracker!r}; the loggers: {choices}"
+    chosen = [a.split("=", 1)[1] for a in args if a.startswith(f"{LOGGER}=")]
+    if not any(tracker in c for c in chosen):
+        return (f"logger.{key} is a key of logger={tracker}, which this run does not select: add "
+                f"logger={tracker} (several at once: logger=[tensorboard,{tracker}])")
+    return (f"unknown key logger.{key} for logger={tracker}; its keys: "
+            f"{', '.join(sorted(LOGGER_SCHEMAS[tracker]))}")
+
+
 def available_presets() -> list[str]:
     """The paper presets in conf/experiment/ (``+experiment=NAME``)."""
     return sorted(p.stem for p in (CONF_DIR / PRESETS).glob("*.yaml"))
@@ -207,7 +234,8 @@ def available_presets() -> list[str]:
 
 def validate(cfg: DictConfig) -> None:
     """Check every key against its declared schema; raise one ConfigError listing all problems."""
-    problems = _check_section("", OmegaConf.to_container(cfg, resolve=True), TOP_SCHEMA, GROUPS)
+    problems = _check_section("", OmegaConf.to_container(cfg, resolve=True), TOP_SCHEMA, (*GROUPS, LOGGER))
+    problems += _check_loggers(OmegaConf.to_container(cfg, resolve=True).get(LOGGER) or {})
     for group in GROUPS:
         section = OmegaConf.to_container(cfg[group], resolve=True)
         name = section.get("name")
@@ -218,6 +246,19 @@ def validate(cfg: DictConfig) -> None:
         problems += _check_section(f"{group}.", section, schemas[name], ())
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_loggers(section: dict) -> list[str]:
+    """The selected loggers' keys (``+logger.X=...`` could add a tracker no file declares)."""
+    problems = []
+    for tracker, keys in section.items():
+        if tracker not in LOGGER_SCHEMAS:
+            problems.append(f"logger.{tracker} is not a logger; the loggers: {sorted(LOGGER_SCHEMAS)}")
+        elif not isinstance(keys, dict):
+            problems.append(f"logger.{tracker}={keys!r}: expected its keys {sorted(LOGGER_SCHEMAS[tracker])}")
+        else:
+            problems += _check_section(f"logger.{tracker}.", keys, LOGGER_SCHEMAS[tracker], ())
+    return problems
 
 
 def _check_section(prefix: str, section: dict, schema: Schema, skip: tuple[str, ...]) -> list[str]:

@@ -24,12 +24,13 @@ from task.run.combinations import check_combination, uploads_per_round
 from task.run.config import ConfigError
 from task.run.outputs import default_output_dir
 from task.run.runfolder import check_free, read_status
+from task.run.trackers import check_trackers
 
 # The key under which task/core/state.py stores the round that wrote a client's state file
 # (its META; not imported: task.core must not be a dependency of the door's import).
 STATE_ROUND = "__round__"
 # Keys that may differ between a run and its resumption.
-RESUME_FREE_KEYS = ("resume", "output_dir", "num_rounds", "round_timeout", "node_wait_timeout")
+RESUME_FREE_KEYS = ("resume", "output_dir", "num_rounds", "round_timeout", "node_wait_timeout", "logger")
 
 
 class DoorError(ValueError):
@@ -119,6 +120,7 @@ def check_min_replies(cfg: DictConfig, num_clients: int) -> None:
 def check_run(cfg: DictConfig, federation: Federation, keeps_client_state: bool, handover: str = "") -> Path:
     """Every check but the data's own (done while loading it); returns the run's folder.
     ``handover``: the token of the lock pflower-sim took for this run (not a refusal)."""
+    check_trackers(cfg)
     check_model_fits(cfg, federation)
     check_combination(cfg, federation)
     check_min_replies(cfg, len(federation.clients))

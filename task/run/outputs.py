@@ -6,13 +6,16 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from logging import WARNING
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from omegaconf import DictConfig, OmegaConf
+
+from task.run import figures
+from task.run.client_table import CLIENTS_CSV, ClientInfo, csv_text
 
 
 def default_output_dir(cfg: DictConfig) -> Path:
@@ -84,12 +87,14 @@ def select_best_round(rows: list[dict]) -> dict | None:
 
 
 class RunOutputs:
-    """Writes ``config.yaml``, ``metrics.jsonl``, ``results.json`` and PNG plots."""
+    """Writes ``config.yaml``, ``metrics.jsonl``, ``results.json``, plots and, given the
+    federation's ``clients``, ``clients.csv``."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, clients: Sequence[ClientInfo] | None = None):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.clients = clients
 
     def write_config(self, cfg: DictConfig) -> None:
         atomic_write_text(self.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -99,6 +104,11 @@ class RunOutputs:
             row = {**row, "per_client_accuracy": dict(sorted(row["per_client_accuracy"].items()))}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(jsonable(row)) + "\n")
+        if self.clients is not None:
+            path = self.dir / CLIENTS_CSV
+            text = csv_text([jsonable(row)], self.clients, header=not path.exists())
+            with path.open("a") as f:
+                f.write(text)
 
     def rounds(self, drop_torn_tail: bool = False) -> list[dict]:
         """The rows of metrics.jsonl. A line that is not JSON is an error naming the file and
@@ -127,6 +137,8 @@ class RunOutputs:
         last line is dropped with a log line."""
         kept = [r for r in self.rounds(drop_torn_tail=True) if r["round"] <= last_round]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.clients is not None:
+            atomic_write_text(self.dir / CLIENTS_CSV, csv_text(kept, self.clients, header=True))
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.dir / name, json.dumps(jsonable(payload), indent=2))
@@ -189,26 +201,26 @@ class RunOutputs:
         return lines
 
     def plot_accuracy(self, title: str) -> Path:
-        """accuracy.png: mean, worst-client and global accuracy per round."""
-        import matplotlib
+        """accuracy.png and .pdf: the personal models' mean, worst-client and validation
+        accuracy and the global model's, per round (``task.run.figures``' style)."""
+        return figures.save(accuracy_figure(self.rounds(), title), self.dir / "accuracy.png")[0]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        rows = [r for r in self.rounds() if r.get("personalized_accuracy")]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [r["round"] for r in rows]
-        ax.plot(xs, [r["personalized_accuracy"]["mean"] for r in rows], "o-", label="personal, mean")
-        ax.plot(xs, [r["personalized_accuracy"]["worst"] for r in rows], "v--",
-                label="personal, worst client")
-        glob = [(r["round"], r["global_accuracy"]) for r in rows if r.get("global_accuracy") is not None]
-        if glob:
-            ax.plot(*zip(*glob, strict=True), "s-", label="global model")
-        ax.set(xlabel="round", ylabel="test accuracy", title=title, ylim=(0, 1))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = self.dir / "accuracy.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+@figures.styled
+def accuracy_figure(rows: list[dict], title: str):
+    """The figure of ``plot_accuracy``: one line per accuracy a round reports."""
+    rows = [r for r in rows if r.get("personalized_accuracy")]
+    fig, ax = figures.new_figure()
+    xs = [r["round"] for r in rows]
+    for key, style, label in (("mean", "o-", "test mean"), ("worst", "v--", "test worst client")):
+        ax.plot(xs, [r["personalized_accuracy"][key] for r in rows], style, label=f"personal models, {label}")
+    val = [(r["round"], r["validation_accuracy"]["mean"]) for r in rows if r.get("validation_accuracy")]
+    if val:
+        ax.plot(*zip(*val, strict=True), "d:", label="personal models, validation mean")
+    glob = [(r["round"], r["global_accuracy"]) for r in rows if r.get("global_accuracy") is not None]
+    if glob:
+        ax.plot(*zip(*glob, strict=True), "s-", label="global model, test")
+    ax.set(ylabel="accuracy", title=title, ylim=(0, 1))
+    figures.integer_rounds(ax)
+    figures.legend(ax)
+    return fig

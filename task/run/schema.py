@@ -27,6 +27,8 @@ class Field:
     def describe(self) -> str:
         if self.choices is not None:
             return f"one of {list(self.choices)}"
+        if self.kind in (str, bool, list):
+            return f"a {self.kind.__name__}" + (" or null" if self.nullable else "")
         lo = "(" if self.low_open else "["
         hi = ")" if self.high_open else "]"
         low = "-inf" if self.low is None else self.low

@@ -8,7 +8,7 @@ simulation through ``pflower-sim`` (``flwr run``), one after the other, each wri
 output directory under ``--out``. Then ``summary.csv`` and ``summary.md`` (one row per
 combination of the swept keys other than ``seed``: final mean personalized accuracy, worst
 client, the best round by mean validation accuracy (never by test accuracy) with its test
-accuracy, global accuracy, bytes, wall time, as mean ± std over seeds) and
+accuracy, global accuracy, bytes, wall time, as mean ± sample std (ddof=1) over seeds) and
 ``summary.png`` (mean personalized accuracy per round, one line per row) are written.
 A job whose run completed (its folder's ``status.json``) is not run again, and an interrupted
 one is resumed from its checkpoint (``resume=``), never appended to, so running the same
@@ -32,9 +32,10 @@ import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 
-from task.run import launch
+from task.run import figures, launch
 from task.run.outputs import select_best_round
 from task.run.runfolder import read_lock, read_status
+from task.run.seed_stats import band, format_mean_std, mean_std
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -125,10 +126,6 @@ def summarize(groups: dict[str, list[Path]], out: Path) -> list[dict]:
         if not results:
             continue
 
-        def stat(values: list[float | None]) -> tuple[float | None, float | None]:
-            vals = [v for v in values if v is not None]
-            return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
-
         last = [r["last_evaluated_round"] for r in results]
         # The same rule as each run's results.json: the round with the best mean validation
         # accuracy, recomputed from metrics.jsonl; test accuracy never selects.
@@ -143,7 +140,7 @@ def summarize(groups: dict[str, list[Path]], out: Path) -> list[dict]:
             "mbytes_total": [(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in results],
             "wall_seconds": [r["wall_seconds"] for r in results],
         }.items():
-            row[name], row[f"{name}_std"] = stat(values)
+            row[name], row[f"{name}_std"], row[f"{name}_n"] = mean_std(values)
         row["curves"] = [[(x["round"], x["personalized_accuracy"]["mean"])
                           for x in _rounds(d) if x.get("personalized_accuracy")] for d in dirs]
         rows.append(row)
@@ -158,14 +155,16 @@ def _rounds(directory: Path) -> list[dict]:
 
 
 def _fmt(mean: float | None, std: float | None, digits: int = 4) -> str:
-    return "—" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return format_mean_std(mean, std, digits)
+
+
+# summary.csv's values: each with its mean, sample std (ddof=1) and the n of seeds it is over
+SUMMARY_VALUES = ("final_mean", "final_worst", "best_val_mean", "best_mean", "final_global", "mbytes_total",
+                  "wall_seconds")
 
 
 def _write_tables(rows: list[dict], out: Path) -> None:
-    columns = ["run", "seeds", "final_mean", "final_mean_std", "final_worst", "final_worst_std",
-               "best_val_mean", "best_val_mean_std", "best_mean", "best_mean_std", "final_global",
-               "final_global_std", "mbytes_total",
-               "mbytes_total_std", "wall_seconds", "wall_seconds_std"]
+    columns = ["run", "seeds", *(f"{name}{end}" for name in SUMMARY_VALUES for end in ("", "_std", "_n"))]
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -181,34 +180,40 @@ def _write_tables(rows: list[dict], out: Path) -> None:
                      f"{_fmt(r['final_global'], r['final_global_std'])} | "
                      f"{_fmt(r['mbytes_total'], r['mbytes_total_std'], 1)} | "
                      f"{_fmt(r['wall_seconds'], r['wall_seconds_std'], 1)} |")
-    lines += ["", "Final: the last evaluated round. Best-by-validation: per run, the round with the highest "
+    lines += ["", "Each cell: mean ± sample standard deviation (ddof=1) over the row's seeds (the mean alone "
+              "for one seed; summary.csv's *_n columns: how many seeds a value is over).",
+              "Final: the last evaluated round. Best-by-validation: per run, the round with the highest "
               "mean validation accuracy, and that round's test accuracy (— without validation data, "
               "val_fraction = 0). Test data never selects a round."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    """summary.png and .pdf: each row's mean personalized accuracy per round over its seeds,
+    the band one sample standard deviation either side."""
+    figures.save(summary_figure(rows), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
+@figures.styled
+def summary_figure(rows: list[dict]):
+    from task.algorithms.tradeoff import short_labels
+    fig, ax = figures.new_figure(width=6.5)
+    labels = short_labels([row["run"] for row in rows]) if rows else []
+    for row, label in zip(rows, labels, strict=True):
         curves = [c for c in row["curves"] if c]
         if not curves:
             continue
         length = min(len(c) for c in curves)
         xs = [x for x, _ in curves[0][:length]]
-        ys = np.array([[y for _, y in c[:length]] for c in curves])
-        ax.plot(xs, ys.mean(0), label=row["run"])
-        ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
-    ax.set(xlabel="round", ylabel="mean personalized accuracy", ylim=(0, 1))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        mean, std = band(np.array([[y for _, y in c[:length]] for c in curves]))
+        line, = ax.plot(xs, mean, marker=".", label=f"{figures.override_label(label)} (n={len(curves)})")
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=line.get_color(), linewidth=0)
+    ax.set(ylabel="mean personalized test accuracy", ylim=(0, 1),
+           title="Mean over seeds, band: ± one sample std")
+    figures.integer_rounds(ax)
+    if rows:
+        figures.legend(ax, "below" if len(rows) <= 4 else "beside")
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
