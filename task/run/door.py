@@ -20,7 +20,7 @@ from task.core.models import build_model
 from task.data.federation import Federation
 from task.engine.checkpoint import CHECKPOINT, CHECKPOINT_META
 from task.engine.rounds import draw_clients
-from task.run.combinations import check_combination, uploads_per_round
+from task.run.combinations import check_combination, check_inputs, uploads_per_round
 from task.run.config import ConfigError
 from task.run.outputs import default_output_dir
 from task.run.runfolder import check_free, read_status
@@ -119,6 +119,7 @@ def check_min_replies(cfg: DictConfig, num_clients: int) -> None:
 def check_run(cfg: DictConfig, federation: Federation, keeps_client_state: bool, handover: str = "") -> Path:
     """Every check but the data's own (done while loading it); returns the run's folder.
     ``handover``: the token of the lock pflower-sim took for this run (not a refusal)."""
+    check_inputs(cfg, federation)  # images or tokens: said before the model is run on a sample
     check_model_fits(cfg, federation)
     check_combination(cfg, federation)
     check_min_replies(cfg, len(federation.clients))
