@@ -103,18 +103,19 @@ def read_val_annotations(base: Path, classes: dict[str, int]) -> list[tuple[Path
 
 
 def _decode(paths: list[Path], size: int) -> np.ndarray:
-    """uint8 (N, 3, size, size): each file decoded as RGB, resized where it is not size x size."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import resize
+    """uint8 (N, 3, size, size): each file decoded as RGB by Pillow, resized (antialiased) where
+    it is not size x size."""
+    from PIL import Image, UnidentifiedImageError
 
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
         try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError, OSError) as err:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as err:
             raise DataFileError(f"{path} cannot be decoded as an image ({type(err).__name__}: "
                                 f"{str(err).strip()[:120]}); replace it") from None
-        if image.shape[-2:] != (size, size):
-            image = resize(image, [size, size], antialias=True)
-        out[i] = image.numpy()
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        out[i] = np.asarray(rgb).transpose(2, 0, 1)
     return out
