@@ -235,3 +235,17 @@ def test_one_round_in_process(tmp_path, name, overrides):
     accuracy = results["last_evaluated_round"]["personalized_accuracy"]
     assert 0.0 <= accuracy["mean"] <= 1.0 and np.isfinite(accuracy["mean"])
     assert json.loads((out / "partition.json").read_text())["num_clients"] == 3
+
+
+def test_apfl_mixes_in_the_weights_dtype_on_token_inputs():
+    """APFL's mixing weight took the inputs' dtype: on int64 tokens it became an integer (and
+    every ClientApp failed). Every other method ran two rounds on Shakespeare as they are."""
+    from strategies.apfl import apfl_step
+
+    torch.manual_seed(0)
+    cfg = OmegaConf.create({"name": "char_lstm", "embedding": 4, "hidden": 8, "layers": 1})
+    w, v = (build_model(cfg, (80,), 80) for _ in range(2))
+    x, y = torch.randint(0, 80, (4, 80)), torch.randint(0, 80, (4,))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (w, v)]
+    _, loss_v, alpha = apfl_step(w, v, 0.5, x, y, *opts, alpha_lr=0.1)
+    assert np.isfinite(loss_v) and 0.0 <= alpha <= 1.0 and alpha != 0.5
