@@ -249,3 +249,25 @@ def test_apfl_mixes_in_the_weights_dtype_on_token_inputs():
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (w, v)]
     _, loss_v, alpha = apfl_step(w, v, 0.5, x, y, *opts, alpha_lr=0.1)
     assert np.isfinite(loss_v) and 0.0 <= alpha <= 1.0 and alpha != 0.5
+
+
+def test_shakespeare_from_the_hubs_data_files_and_hostile_copies(tmp_path):
+    """The Hub's copy as files (flwrlabs/shakespeare is one csv: character_id, x, y), read
+    offline; a copy with other columns, and an empty folder, are named."""
+    import pandas as pd
+
+    x, y = lines(9)
+    folder = tmp_path / "shakespeare_hf"
+    folder.mkdir()
+    pd.DataFrame({"character_id": ["ROMEO"] * 6 + ["JULIET"] * 3, "x": x, "y": y}).to_csv(
+        folder / "shakespeare.csv", index=False)
+    f = fed(f"dataset=shakespeare dataset.layout=hf dataset.data_root={tmp_path} partition=natural {LSTM}")
+    assert [(c.num_train, c.num_test) for c in f.clients] == [(5, 1), (2, 1)]
+    assert f.clients[0].x_train.shape == (5, 80)
+    renamed = pd.DataFrame({"speaker": ["ROMEO"], "x": x[:1], "y": y[:1]})
+    renamed.to_csv(folder / "shakespeare.csv", index=False)
+    with pytest.raises(DataFileError, match=r"not \['character_id'\]"):
+        fed(f"dataset=shakespeare dataset.layout=hf dataset.data_root={tmp_path} partition=natural {LSTM}")
+    (folder / "shakespeare.csv").unlink()
+    with pytest.raises(MissingDataError, match="holds neither a save_to_disk copy nor data files"):
+        fed(f"dataset=shakespeare dataset.layout=hf dataset.data_root={tmp_path} partition=natural {LSTM}")
