@@ -182,7 +182,7 @@ def read_hf_copy(name: str, folder: Path, cap: int | None, test_fraction: float)
     """Train and test users of a local Hugging Face copy (``save_to_disk`` or the Hub's files)."""
     spec = SPECS[name]
     splits = _hf_splits(name, folder)
-    train = splits.get("train") or next(iter(splits.values()))
+    train = splits["train"] if "train" in splits else next(iter(splits.values()))
     missing = [c for c in (spec.owner, spec.x, spec.y) if c not in train.column_names]
     if missing:
         raise DataFileError(f"{folder}: the {name} copy has columns {train.column_names}, not {missing} "

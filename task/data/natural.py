@@ -11,9 +11,11 @@ the training set), in the order the owners first appear in the files.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from logging import INFO
 
 import numpy as np
 import torch
+from flwr.common import log
 
 from task.data.sources import Source
 
@@ -52,6 +54,9 @@ def natural_split(source: Source) -> list[tuple[np.ndarray, np.ndarray]]:
     if not np.array_equal(np.asarray(mapping[0], dtype=np.int64), first):
         raise RuntimeError("NaturalIdPartitioner's partition 0 disagrees with its index map")
     tests = _indices_by_owner(source.owner_test.numpy(), len(source.owner_names))
+    shown = ", ".join(f"{p}={source.owner_names[int(ids[p])]}" for p in range(min(len(ids), 5)))
+    log(INFO, "partition=natural: %d clients, one per owner (client=owner: %s%s)", len(ids), shown,
+        ", ..." if len(ids) > 5 else "")
     return [(np.asarray(mapping[p], dtype=np.int64), tests[int(ids[p])]) for p in range(len(ids))]
 
 
