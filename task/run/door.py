@@ -45,6 +45,7 @@ def run_directory(cfg: DictConfig) -> Path:
 
 def check_model_fits(cfg: DictConfig, federation: Federation) -> None:
     """Build the model once and run it on one training sample of the federation."""
+    check_inputs(cfg, federation)  # images or tokens: said before the model is run on a sample
     torch.manual_seed(int(cfg.seed))
     sample = federation.clients[0].x_train[:1].cpu()
     try:
@@ -119,7 +120,6 @@ def check_min_replies(cfg: DictConfig, num_clients: int) -> None:
 def check_run(cfg: DictConfig, federation: Federation, keeps_client_state: bool, handover: str = "") -> Path:
     """Every check but the data's own (done while loading it); returns the run's folder.
     ``handover``: the token of the lock pflower-sim took for this run (not a refusal)."""
-    check_inputs(cfg, federation)  # images or tokens: said before the model is run on a sample
     check_model_fits(cfg, federation)
     check_combination(cfg, federation)
     check_min_replies(cfg, len(federation.clients))
