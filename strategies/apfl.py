@@ -64,7 +64,9 @@ def apfl_step(w: nn.Module, v: nn.Module, alpha: float, x: torch.Tensor, y: torc
     opt_w.zero_grad(set_to_none=True)
     a = torch.tensor(float(alpha), dtype=torch.float64, requires_grad=adaptive)
     # vbar's forward pass through v's modules (its BatchNorm statistics are v's).
-    loss_v = F.cross_entropy(functional_call(v, mixed_parameters(v, w, a.to(x.dtype)), (x,)), y)
+    # alpha in the weights' dtype: the inputs may be integer tokens (dataset=shakespeare)
+    weights_dtype = next(v.parameters()).dtype
+    loss_v = F.cross_entropy(functional_call(v, mixed_parameters(v, w, a.to(weights_dtype)), (x,)), y)
     opt_v.zero_grad(set_to_none=True)
     # v.grad = alpha grad f(vbar); a.grad = <v - w, grad f(vbar)> (the chain rule through vbar).
     loss_v.backward()

@@ -161,11 +161,45 @@ class LogReg(nn.Module):
         return self.classifier(self.flatten(x))
 
 
-MODELS = ("digit_cnn", "mlp", "cnn", "lenet5", "resnet18_gn", "logreg")
+class CharLSTM(nn.Module):
+    """LEAF's Shakespeare model (McMahan et al. 2017's next-character LSTM): embedding(8), a
+    2-layer LSTM of 256 units, fc(classes) on the last step's output. The input is (N, L)
+    character indices of the same alphabet as the classes."""
+
+    def __init__(self, num_classes: int, embedding: int = 8, hidden: int = 256, layers: int = 2):
+        super().__init__()
+        self.embedding = nn.Embedding(num_classes, embedding)
+        self.lstm = nn.LSTM(embedding, hidden, layers, batch_first=True)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embedding(x))
+        return self.classifier(out[:, -1])
 
 
-def build_model(model: DictConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+MODELS = ("digit_cnn", "mlp", "cnn", "lenet5", "resnet18_gn", "logreg")  # take images (C, H, W)
+TOKEN_MODELS = ("char_lstm",)  # take token sequences (L,)
+
+
+def input_mismatch(model_name: str, input_shape: tuple[int, ...]) -> str | None:
+    """Why ``model_name`` cannot take inputs of ``input_shape`` (images or tokens), or None."""
+    tokens = len(input_shape) == 1
+    if tokens and model_name in MODELS:
+        return (f"model={model_name} takes images and the dataset gives token sequences of length "
+                f"{input_shape[0]}: use model={TOKEN_MODELS[0]}")
+    if not tokens and model_name in TOKEN_MODELS:
+        return (f"model={model_name} takes token sequences and the dataset gives images of shape "
+                f"{tuple(input_shape)}: use an image model ({', '.join(MODELS)})")
+    return None
+
+
+def build_model(model: DictConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Instantiate the model the config names, seeded by the caller's torch RNG state."""
+    mismatch = input_mismatch(str(model.name), input_shape)
+    if mismatch is not None:
+        raise ValueError(mismatch)
+    if model.name == "char_lstm":
+        return CharLSTM(num_classes, int(model.embedding), int(model.hidden), int(model.layers))
     channels, height, width = input_shape
     if model.name == "digit_cnn":
         return DigitModel(channels, height, num_classes, float(model.width))
@@ -181,7 +215,7 @@ def build_model(model: DictConfig, input_shape: tuple[int, int, int], num_classe
         return ResNet18GN(channels, num_classes, int(model.groups), float(model.width))
     if model.name == "logreg":
         return LogReg(channels * height * width, num_classes)
-    raise ValueError(f"unknown model {model.name!r}; valid: {', '.join(MODELS)}")
+    raise ValueError(f"unknown model {model.name!r}; valid: {', '.join(MODELS + TOKEN_MODELS)}")
 
 
 def last_linear(model: nn.Module) -> nn.Linear:

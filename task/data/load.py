@@ -11,10 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from task.data.digits import build_digits_federation
 from task.data.federation import DeviceClients, Federation
+from task.data.leaf import SPECS, load_leaf
 from task.data.normalize import normalized
 from task.data.partition_file import file_digest
 from task.data.partitions import partition_source, split_validation
-from task.data.sources import load_source
+from task.data.sources import Source, load_source
+from task.data.tiny_imagenet import load_tiny_imagenet
 
 
 def build_federation(cfg: DictConfig) -> Federation:
@@ -37,9 +39,19 @@ def build_federation(cfg: DictConfig) -> Federation:
         fed = build_digits_federation(dataset, seed)
     else:
         mode = str(cfg.dataset.get("normalize", "symmetric"))
-        source = normalized(load_source(cfg.dataset, val_fraction), mode)
+        source = normalized(read_source(cfg.dataset, val_fraction), mode)
         fed = partition_source(source, cfg.partition, seed)
     return split_validation(fed, val_fraction, seed)
+
+
+def read_source(dataset: DictConfig, val_fraction: float) -> Source:
+    """The whole dataset: the natural federations and Tiny-ImageNet here (their modules import
+    task/data/sources.py, so it cannot dispatch to them), every other source by ``load_source``."""
+    if dataset.name in SPECS:
+        return load_leaf(dataset)
+    if dataset.name == "tiny_imagenet":
+        return load_tiny_imagenet(dataset)
+    return load_source(dataset, val_fraction)
 
 
 def federation_key(cfg: DictConfig) -> str:

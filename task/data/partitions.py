@@ -14,6 +14,8 @@
   100 classes in K clusters); within a group the classes are split IID.
 - ``file``: every client's exact indices from a JSON file (``partition.path``,
   task/data/partition_file.py): a paper's split, sample for sample.
+- ``natural``: one client per owner of a dataset whose samples have one (FEMNIST's writers,
+  Shakespeare's speakers; task/data/natural.py), with the owner's own train and test samples.
 
 Every client's test split follows its training distribution: the source's test set is split
 per class among the clients in proportion to how many training samples of that class each
@@ -35,11 +37,13 @@ import torch
 from omegaconf import DictConfig
 
 from task.data.federation import ClientData, Federation
+from task.data.natural import has_owners, natural_split
 from task.data.partition_file import read_partition_file
 from task.data.sources import Source
 from task.run import figures
 
-PARTITIONS = ("iid", "dirichlet", "pathological", "domains", "rotation", "relabel", "class_groups", "file")
+PARTITIONS = ("iid", "dirichlet", "pathological", "domains", "rotation", "relabel", "class_groups", "file",
+              "natural")
 
 
 @dataclass
@@ -191,10 +195,13 @@ def plan(source: Source, partition: DictConfig, seed: int) -> tuple[list[ClientS
     if name == "file":
         clients, names = read_partition_file(partition.path, len(y_tr), len(y_te))
         return [ClientSpec(c["train"], c["test"], c["group"], val=c["val"]) for c in clients], names
+    if name == "natural":
+        return [ClientSpec(train, test, 0) for train, test in natural_split(source)], ("all",)
     if name == "domains":
         if not source.has_domains:
+            natural = "natural (one client per owner), " if has_owners(source) else ""
             raise ValueError(f"partition=domains needs a dataset made of domains (digits5, or the built-in "
-                             f"digits); dataset={source.name} has none: use iid, dirichlet, ...")
+                             f"digits); dataset={source.name} has none: use {natural}iid, dirichlet, ...")
         per = partition.get("clients_per_domain") or 1
         d_tr, d_te = source.domain_train.numpy(), source.domain_test.numpy()
         specs = []
@@ -227,6 +234,9 @@ def plan(source: Source, partition: DictConfig, seed: int) -> tuple[list[ClientS
     if name in ("rotation", "relabel"):
         if name == "rotation" and K > 4:
             raise ValueError(f"partition.num_clusters={K}: rotation has 4 distinct angles (0, 90, 180, 270)")
+        if name == "rotation" and len(source.input_shape) != 3:
+            raise ValueError(f"partition=rotation turns images, and dataset={source.name} holds token "
+                             "sequences: use partition=natural, iid, dirichlet or relabel")
         if name == "rotation" and source.input_shape[1] != source.input_shape[2]:
             raise ValueError(f"partition=rotation needs square images; {source.name} is {source.input_shape}")
         if name == "relabel" and K > C:

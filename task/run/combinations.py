@@ -10,7 +10,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from task.algorithms.robust import byzantine_count
-from task.core.models import batchnorm_keys, build_model
+from task.core.models import batchnorm_keys, build_model, input_mismatch
 from task.data.federation import Federation
 from task.engine.rounds import sample_size
 from task.run.config import ConfigError
@@ -25,8 +25,8 @@ KRUM_TYPE = ("krum", "multi_krum")
 
 def combination_problem(cfg: DictConfig, federation: Federation) -> str | None:
     """Why this combination would run without meaning, or None."""
-    for check in (_byzantine_majority, _attack_without_aggregation, _aggregator_unused,
-                  _too_few_uploads, _fedbn_without_batchnorm):
+    for check in (_model_takes_the_inputs, _byzantine_majority, _attack_without_aggregation,
+                  _aggregator_unused, _too_few_uploads, _fedbn_without_batchnorm):
         problem = check(cfg, federation)
         if problem is not None:
             return problem
@@ -37,6 +37,19 @@ def check_combination(cfg: DictConfig, federation: Federation) -> None:
     problem = combination_problem(cfg, federation)
     if problem is not None:
         raise ConfigError(problem)
+
+
+def check_inputs(cfg: DictConfig, federation: Federation) -> None:
+    """Refuse an image model on token sequences and a token model on images (before either is
+    built and run on a sample)."""
+    problem = _model_takes_the_inputs(cfg, federation)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def _model_takes_the_inputs(cfg: DictConfig, federation: Federation) -> str | None:
+    mismatch = input_mismatch(str(cfg.model.name), tuple(federation.input_shape))
+    return None if mismatch is None else f"dataset={cfg.dataset.name}: {mismatch}"
 
 
 def _attack(cfg: DictConfig) -> str:
@@ -107,6 +120,8 @@ def _fedbn_without_batchnorm(cfg: DictConfig, federation: Federation) -> str | N
         return None
     model = build_model(cfg.model, federation.input_shape, federation.num_classes)
     if not batchnorm_keys(model):
+        instead = ("use a model with BatchNorm (model=digit_cnn)" if len(federation.input_shape) == 3
+                   else "no token model has BatchNorm: use another method")
         return (f"strategy=fedbn keeps each client's BatchNorm layers local, and model={cfg.model.name} "
-                "has none, so it would run as FedAvg; use a model with BatchNorm (model=digit_cnn)")
+                f"has none, so it would run as FedAvg; {instead}")
     return None

@@ -91,6 +91,15 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
             "percent": Field(float, 0.0, 1.0, low_open=True, nullable=True),
         },
         "mnist5k": {**SOURCE_FIELDS, "test_fraction": Field(float, 0.0, 1.0, low_open=True, high_open=True)},
+        # The natural federations (task/data/leaf.py) and Tiny-ImageNet: local files only.
+        **{name: {"name": Field(str), "data_root": Field(str), "layout": Field(str, choices=("leaf", "hf")),
+                  "max_users": Field(int, 1, nullable=True),
+                  "test_fraction": Field(float, 0.0, 1.0, low_open=True, high_open=True),
+                  **({"normalize": SOURCE_FIELDS["normalize"]} if name == "femnist" else {})}
+           for name in ("femnist", "shakespeare")},
+        "tiny_imagenet": {"name": Field(str), "data_root": Field(str),
+                          "normalize": SOURCE_FIELDS["normalize"], "image_size": Field(int, 8, 256),
+                          "train_per_class": Field(int, 1, nullable=True)},
     },
     "partition": {
         "domains": {"name": Field(str), "clients_per_domain": Field(int, 1, nullable=True),
@@ -107,6 +116,7 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
         "class_groups": {"name": Field(str), "num_clients": COUNT, "num_clusters": COUNT,
                          "val_fraction": VAL_FRACTION},
         "file": {"name": Field(str), "path": Field(str), "val_fraction": VAL_FRACTION},
+        "natural": {"name": Field(str), "val_fraction": VAL_FRACTION},
     },
     # Robust aggregation of uploads (task/algorithms/robust.py), Byzantine attacks (task/threat/).
     "aggregator": {
@@ -142,6 +152,7 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
         "lenet5": {"name": Field(str)},
         "resnet18_gn": {"name": Field(str), "groups": COUNT, "width": Field(float, 0.0, 4.0, low_open=True)},
         "logreg": {"name": Field(str)},
+        "char_lstm": {"name": Field(str), "embedding": COUNT, "hidden": COUNT, "layers": COUNT},
     },
 }
 

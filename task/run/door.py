@@ -20,7 +20,7 @@ from task.core.models import build_model
 from task.data.federation import Federation
 from task.engine.checkpoint import CHECKPOINT, CHECKPOINT_META
 from task.engine.rounds import draw_clients
-from task.run.combinations import check_combination, uploads_per_round
+from task.run.combinations import check_combination, check_inputs, uploads_per_round
 from task.run.config import ConfigError
 from task.run.outputs import default_output_dir
 from task.run.runfolder import check_free, read_status
@@ -46,6 +46,7 @@ def run_directory(cfg: DictConfig) -> Path:
 
 def check_model_fits(cfg: DictConfig, federation: Federation) -> None:
     """Build the model once and run it on one training sample of the federation."""
+    check_inputs(cfg, federation)  # images or tokens: said before the model is run on a sample
     torch.manual_seed(int(cfg.seed))
     sample = federation.clients[0].x_train[:1].cpu()
     try:
