@@ -62,11 +62,20 @@ class Space:
 
     def representative(self) -> list[str]:
         """Overrides of one point of the space (each low end / first choice), for the door."""
+        return [*self.fixed, *(f"{k}={v[0]}" for k, v in self.edges().items()), *self.seeds[:1]]
+
+    def edges(self) -> dict[str, list[str]]:
+        """Per key, the values the door composes: every choice, or both ends of a range."""
         from optuna.distributions import CategoricalDistribution
 
-        point = [f"{k}={d.choices[0] if isinstance(d, CategoricalDistribution) else format_value(d.low)}"
-                 for k, d in self.distributions.items()]
-        return [*self.fixed, *point, *self.seeds[:1]]
+        return {k: [str(c) for c in d.choices] if isinstance(d, CategoricalDistribution)
+                else [format_value(d.low), format_value(d.high)] for k, d in self.distributions.items()}
+
+    def corners(self) -> list[list[str]]:
+        """The representative point with one key moved to each of its other edge values."""
+        base = self.representative()
+        return [[o for o in base if not o.startswith(f"{k}=")] + [f"{k}={v}"]
+                for k, values in self.edges().items() for v in values[1:]]
 
     def runs(self, chosen: list[str]) -> list[list[str]]:
         """A trial's runs: its overrides, once per seed."""
@@ -95,6 +104,9 @@ def parse_space(overrides: list[str]) -> Space:
             seeds = [f"seed={v}" for v in override.sweep_string_iterator()]
         else:
             distributions[key] = distribution(key, override)
+    twice = sorted(set(distributions) & {o.split("=", 1)[0] for o in fixed})
+    if twice:
+        raise SearchError(f"{twice[0]} is both searched and set to one value; give it once")
     if not distributions:
         raise SearchError(f"a search needs at least one key to search, written {SYNTAX} "
                           "(e.g. 'lr=tag(log,interval(0.005,0.2))')")
@@ -134,6 +146,8 @@ def check_validation(space: Space) -> None:
     from task.run.config import compose_config
     from task.run.launch import join_overrides
 
+    for overrides in space.corners():  # a value no trial could run is refused now, not trial by trial
+        compose_config(join_overrides(overrides))
     cfg = compose_config(join_overrides(space.representative()))
     federation = build_federation(cfg)
     if not any(c.num_val for c in federation.clients):
@@ -163,8 +177,12 @@ def open_study(out: Path, space: Space) -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{(out / STUDY_FILE).resolve()}"
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
-                                load_if_exists=True)
+    try:
+        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
+                                    load_if_exists=True)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy's and Optuna's own errors alike
+        raise SearchError(f"{out / STUDY_FILE} cannot be opened as an Optuna study ({type(err).__name__}); "
+                          "move it aside to start a new search there, or give another --out") from None
     described = json.loads(json.dumps(space.describe()))
     saved = study.user_attrs.get(SPACE_KEY)
     if saved is None:
@@ -290,6 +308,8 @@ def main(overrides: list[str], out: Path, trials: int,
     try:
         space = parse_space(overrides)
         check_validation(space)
+        if out.exists() and not out.is_dir():
+            raise SearchError(f"--out {out} is a file, not a folder")
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_folder(out)
     except (SearchError, ConfigError, ValueError, OSError, KeyError) as err:
