@@ -52,6 +52,10 @@ def test_trials_are_ranked_by_validation_and_the_study_resumes(tmp_path, capsys)
     assert len(jobs.calls) == 3  # the study holds 3 finished trials: nothing runs again
     assert sweep.main(["--search", "4", *SPACE, "--out", str(tmp_path)], run_job=jobs) == 0
     assert len(jobs.calls) == 4 and "| 4 |" in (tmp_path / "search.md").read_text()
+    (tmp_path / "search.md").unlink()
+    only = ["--search", "9", "--summarize-only", *SPACE, "--out", str(tmp_path)]
+    assert sweep.main(only, run_job=jobs) == 0
+    assert len(jobs.calls) == 4 and "| 4 |" in (tmp_path / "search.md").read_text()
     other = ["lr=interval(0.01,0.2)", *SPACE[1:]]
     assert sweep.main(["--search", "4", *other, "--out", str(tmp_path)], run_job=jobs) == 2
     assert "holds a study of another search (it differs in lr)" in capsys.readouterr().err

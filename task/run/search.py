@@ -300,8 +300,10 @@ def _test_at_best(dirs: list[Path]) -> float | None:
 
 
 def main(overrides: list[str], out: Path, trials: int,
-         run_jobs: Callable[[list[list[str]], Path], tuple[dict[str, list[Path]], list[str]]]) -> int:
-    """The search's command: exit 0, 1 (a trial's run failed), 2 (refused) or 130 (stopped)."""
+         run_jobs: Callable[[list[list[str]], Path], tuple[dict[str, list[Path]], list[str]]],
+         summarize_only: bool = False) -> int:
+    """The search's command: exit 0, 1 (a trial's run failed), 2 (refused) or 130 (stopped);
+    ``summarize_only``: rewrite the ranking from the study, run nothing."""
     if trials < 1:
         print(f"pflower-sweep: --search {trials}: the number of trials must be at least 1", file=sys.stderr)
         return 2
@@ -316,7 +318,10 @@ def main(overrides: list[str], out: Path, trials: int,
         print(f"pflower-sweep: {err}", file=sys.stderr)
         return 2
     try:
-        study, failed = search(space, out, trials, run_jobs)
+        if summarize_only:
+            study, failed = open_study(out, space), []
+        else:
+            study, failed = search(space, out, trials, run_jobs)
     except SearchError as err:
         print(f"pflower-sweep: {err}", file=sys.stderr)
         return 2

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None, run_job: Callable[[list[str]], int] = la
         from task.run import search
 
         return search.main(launch.split_arguments(args.overrides), args.out, args.search,
-                           lambda combos, out: run_jobs(combos, out, run_job))
+                           lambda combos, out: run_jobs(combos, out, run_job), args.summarize_only)
     try:
         combos = expand(launch.split_arguments(args.overrides))
     except OverrideParseException as err:
