@@ -29,6 +29,7 @@ def _run(tmp_path, strategy: str):
     return sent, rows, json.loads((tmp_path / strategy / "results.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedavg", "ditto"])
 def test_new_clients_never_train_and_are_scored_apart_after_adapting(tmp_path, strategy):
     sent, rows, results = _run(tmp_path, strategy)

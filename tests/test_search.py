@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from flwr.app import Context, RecordDict
 
 from task.run import sweep
@@ -106,6 +107,7 @@ def run_in_process(arguments: list[str]) -> int:
     return 0
 
 
+@pytest.mark.slow
 def test_a_tiny_real_search_ranks_real_runs_by_their_validation_accuracy(tmp_path):
     argv = ["--search", "2", "lr=tag(log,interval(0.01,0.3))", "strategy=fedavg", "num_rounds=2",
             "partition.val_fraction=0.25", TINY, "--out", str(tmp_path)]
