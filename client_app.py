@@ -162,6 +162,7 @@ def _scores(method: ClientMethod, received: dict, config: dict) -> MetricRecord:
 
 
 @app.evaluate("new_client")
+@serve_bundles
 def new_client(msg: Message, context: Context) -> Message:
     """A client that never trained (``new_clients=F``): adapt the method's way, then score."""
     method = client_method(context, msg, training=True)

@@ -15,24 +15,26 @@ from task.run.config import ConfigError
 from tests.helpers import TINY, tiny_cfg
 
 
-def _run(tmp_path, strategy: str):
+def _run(tmp_path, strategy: str, fraction: float = 0.25, num_nodes: int = 4):
     import server_app
     from tests.fake_grid import FakeGrid
 
-    overrides = f"{TINY} strategy={strategy} num_rounds=2 new_clients=0.25 output_dir={tmp_path / strategy}"
-    grid = FakeGrid(4, overrides)
+    overrides = (f"{TINY} strategy={strategy} num_rounds=2 new_clients={fraction} "
+                 f"output_dir={tmp_path / strategy}")
+    grid = FakeGrid(4, overrides, num_nodes=num_nodes, wire=True)
     server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                   run_config={"overrides": overrides}))
     sent = [(m.metadata.message_type, int(m.content.config_records[CONFIG]["client-id"])) for m in grid.pushed
             if "client-id" in m.content.config_records.get(CONFIG, {})]
     rows = [json.loads(line) for line in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
-    return sent, rows, json.loads((tmp_path / strategy / "results.json").read_text())
+    results = json.loads((tmp_path / strategy / "results.json").read_text())
+    return sent, rows, results, grid
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedavg", "ditto"])
 def test_new_clients_never_train_and_are_scored_apart_after_adapting(tmp_path, strategy):
-    sent, rows, results = _run(tmp_path, strategy)
+    sent, rows, results, _ = _run(tmp_path, strategy)
     (held_out,) = new_clients(tiny_cfg("new_clients=0.25"), 4)
     assert results["new_clients"] == [held_out]
     trained = {cid for kind, cid in sent if kind.startswith(MessageType.TRAIN)}
@@ -45,6 +47,14 @@ def test_new_clients_never_train_and_are_scored_apart_after_adapting(tmp_path, s
     assert set(results["new_client_per_client_accuracy"]) == {str(held_out)}
     if strategy == "fedavg":  # FedAvg does not personalize: the new client scores the global model
         assert accuracy["mean"] == results["new_client_global_accuracy"]
+
+
+@pytest.mark.slow
+def test_new_clients_one_node_hosts_travel_in_one_bundle(tmp_path):
+    _, _, results, grid = _run(tmp_path, "lgmix", fraction=0.5, num_nodes=2)
+    assert results["new_clients"] == [1, 3]  # seed 0: both on the node serving c % 2 == 1
+    assert [m.metadata.dst_node_id for m in grid.pushed if m.metadata.message_type == NEW_CLIENT] == [101]
+    assert set(results["new_client_per_client_accuracy"]) == {"1", "3"}
 
 
 def test_the_hold_out_is_seeded_and_leaves_training_sampling_alone():
