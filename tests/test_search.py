@@ -76,7 +76,8 @@ def test_bad_search_syntax_and_a_search_without_validation_exit_2(tmp_path, caps
     for bad, said in [("lr=interval(0.1,0.01)", "low < high"), ("lr=shuffle(0.1,0.2)", "interval(a,b)"),
                       ("lr=tag(log,interval(0,1))", "log interval needs low > 0"),
                       ("lr=interval(0.1,0.2", "cannot parse"), ("lr=interval(0.01,20)", "lr=20"),
-                      ("strategy=choice(fedavg,nosuch)", "Could not find 'strategy/nosuch'")]:
+                      ("strategy=choice(fedavg,nosuch)", "Could not find 'strategy/nosuch'"),
+                      ("seed=interval(0,3)", "seeds are not searched")]:
         assert sweep.main(["--search", "2", bad, "--out", str(tmp_path)], run_job=FakeJobs()) == 2
         assert said in capsys.readouterr().err
     assert sweep.main(["--search", "2", "lr=interval(0.01,0.1)", TINY, "--out", str(tmp_path)],

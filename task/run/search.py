@@ -101,6 +101,9 @@ def parse_space(overrides: list[str]) -> Space:
         if not override.is_sweep_override():
             fixed.append(f"{key}={override.get_value_element_as_str()}")
         elif key == "seed":
+            if isinstance(override.value(), IntervalSweep):
+                raise SearchError(f"{override.input_line}: seeds are not searched; list the seeds every "
+                                  "trial runs, e.g. seed=0,1,2")
             seeds = [f"seed={v}" for v in override.sweep_string_iterator()]
         else:
             distributions[key] = distribution(key, override)
@@ -239,7 +242,7 @@ def search(space: Space, out: Path, trials: int,
         trial.set_user_attr("runs", [d.name for d in job_dirs])
         value = None if failures else trial_value(job_dirs)
         if value is None:
-            failed += failures
+            failed += failures or [f"trial {trial.number} (its runs report no validation accuracy)"]
             study.tell(trial, state=TrialState.FAIL)
         else:
             study.tell(trial, value)
