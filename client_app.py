@@ -24,6 +24,7 @@ from task.core.messages import (
     CONFIG,
     EVAL_ARRAYS,
     METRICS,
+    NEW_CLIENT_EXTRA,
     PERSONALIZE_METRICS,
     RAY_NODE,
     hosted_clients,
@@ -73,8 +74,9 @@ def run_config(context: Context) -> DictConfig:
     return cached_config(str(context.run_config.get("overrides", "")), node_cache_dir(context))
 
 
-def client_method(context: Context, msg: Message) -> ClientMethod:
-    """The method's client half for this node, over cached data and its personal state."""
+def client_method(context: Context, msg: Message, training: bool | None = None) -> ClientMethod:
+    """The method's client half for this node, over cached data and its personal state
+    (``training``: a phase that sees only earlier rounds' state; default: a train message)."""
     cfg = run_config(context)
     configure_process(cfg)  # before anything below can start CUDA
     if (cfg.device == "cpu" or not torch.cuda.is_available()) and int(cfg.client_threads) > 0:
@@ -87,7 +89,8 @@ def client_method(context: Context, msg: Message) -> ClientMethod:
     _, client_cls = lookup(cfg.strategy.name)
     server_round = int(msg.content.config_records[CONFIG]["server-round"])
     state = PersonalState(context, cid, device, server_round, cfg.client_state_dir or None,
-                          after_training=msg.metadata.message_type != MessageType.TRAIN)
+                          after_training=not (msg.metadata.message_type == MessageType.TRAIN
+                                              if training is None else training))
     return client_cls(cfg, cid, federation, state, device)
 
 
@@ -156,6 +159,22 @@ def _scores(method: ClientMethod, received: dict, config: dict) -> MetricRecord:
     if "validation_accuracy" in scores:
         counts["num-val"] = method.data.num_val
     return MetricRecord({**scores, **counts, **ray_node()})
+
+
+@app.evaluate("new_client")
+@serve_bundles
+def new_client(msg: Message, context: Context) -> Message:
+    """A client that never trained (``new_clients=F``): adapt the method's way, then score."""
+    method = client_method(context, msg, training=True)
+    received, config = _received(msg, method.device)
+    metrics = method.adapt(received, config)
+    if NEW_CLIENT_EXTRA in msg.content.array_records:
+        after = client_method(context, msg)
+        extra = from_record(msg.content.array_records[NEW_CLIENT_EXTRA], after.device)
+        after.adapt_after(extra, config, metrics)
+    scorer = client_method(context, msg)
+    eval_received = from_record(msg.content.array_records[EVAL_ARRAYS], scorer.device)
+    return Message(RecordDict({METRICS: _scores(scorer, eval_received, config)}), reply_to=msg)
 
 
 @app.evaluate()

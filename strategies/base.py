@@ -11,6 +11,8 @@ evaluates and checkpoints. A round, in the order the engine calls the steps:
 - ``aggregate_replies(round, replies)``: update the server state from the valid replies;
 - ``personalize_arrays(cid, round)`` / ``personalize_config``: an optional phase after it;
 - ``eval_arrays(cid)``: what a client needs to score its personal model;
+- ``new_client_arrays`` / ``_config`` / ``_extra``: what a held-out client that never trained
+  adapts from after the last round (``new_clients=F``; default: what training would send);
 - ``round_metrics(round)``: extra per-round values for metrics.jsonl;
 - ``state_arrays`` / ``state_scalars`` / ``load_state``: the state a checkpoint keeps;
 - ``plot(rows, directory)``: the method's own figures.
@@ -45,6 +47,9 @@ class Method:
     # Whether a client uploads an update (a difference of models: LG-Mix, clustered) rather
     # than its trained model; attacks build a malicious update and send it in that form.
     upload_is_update: ClassVar[bool] = False
+    # Why the method cannot personalize a client that never trained (``new_clients=F``; the door
+    # refuses it with this reason), or None where it can.
+    new_client_problem: ClassVar[str | None] = None
 
     def __init__(self, cfg: DictConfig, initial_state: StateDict, partition_sizes: list[tuple[int, int]]):
         self.cfg = cfg
@@ -140,6 +145,19 @@ class Method:
     def eval_arrays(self, cid: int) -> StateDict:
         """Arrays a client needs to score its personal model (default: the global model)."""
         return self.global_state
+
+    # --- new clients (new_clients=F) -------------------------------------------------------
+    def new_client_arrays(self, cid: int, server_round: int) -> StateDict:
+        """What a new client adapts from after the last round (default: its training arrays);
+        its client half's ``adapt`` gets them."""
+        return self.train_arrays(cid, server_round)
+
+    def new_client_config(self, cid: int, server_round: int) -> dict[str, Any]:
+        return self.train_config(cid, server_round)
+
+    def new_client_extra(self, cid: int) -> StateDict:
+        """Arrays for a method's phase after a new client's own training (default: none)."""
+        return {}
 
     def round_metrics(self, server_round: int) -> dict[str, Any]:
         """Extra per-round values written to metrics.jsonl."""

@@ -132,6 +132,18 @@ class ClientMethod:
         """Optional phase after aggregation (see ``Method.personalize_arrays``)."""
         raise NotImplementedError(f"{type(self).__name__} has no personalize phase")
 
+    def adapt(self, received: StateDict, config: dict) -> dict[str, Any]:
+        """Personalize a client that never trained, after the last round (``new_clients=F``), from
+        the server's ``new_client_arrays``: by default one round of the method's own training,
+        which saves the personal state the method keeps; the upload is dropped. Returns the
+        training's metrics (for ``adapt_after``); ``evaluate`` then scores the result."""
+        return self.train(received, config).metrics
+
+    def adapt_after(self, extra: StateDict, config: dict, metrics: dict[str, Any]) -> None:
+        """A new client's phase after ``adapt`` (in a later phase, so it sees what ``adapt``
+        saved) where the server sent ``new_client_extra``: by default the method's personalize."""
+        self.personalize(extra, config)
+
     def evaluate(self, received: StateDict, config: dict) -> dict[str, float]:
         """Score the personal model; by default the received model is the personal model."""
         model = self.model("main", received)

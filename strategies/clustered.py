@@ -176,6 +176,12 @@ class Clustered(Method):
     def upload_reference(self, reply, sent):
         return None
 
+    def new_client_arrays(self, cid, server_round):
+        return {}  # a new client only picks a cluster model, at scoring (eval_arrays: all K)
+
+    def new_client_config(self, cid, server_round):
+        return {}  # train_config would record a momentum cluster for a client that never trains
+
     # --- the round: the paper's steps in its order -----------------------------------------
     def aggregate_replies(self, server_round, replies):
         """Per cluster: v_k <- TC(v_k, U_k); x_k <- x_k + m_k (m_k <- beta m_k + v_k); then
@@ -350,6 +356,11 @@ class ClusteredClient(ClientMethod):
         self.state.save("momentum", momentum)
         self.state.save_scalars({"steps": steps}, "momentum-steps")
         return TrainResult(debiased(momentum, beta, steps), self.data.num_train, {"train_loss": loss})
+
+    def adapt(self, received, config):
+        """A new client personalizes by picking the cluster model of lowest training loss, which
+        ``evaluate`` does with the K models it is sent (with the oracle: its true cluster's)."""
+        return {}
 
     def evaluate(self, received, config):
         if is_bundle(received):  # never assigned: the cluster model of lowest training loss

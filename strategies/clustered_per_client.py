@@ -77,6 +77,9 @@ class ClusteredPerClient(Method):
     keeps_client_state = True
     has_global_model = False
     upload_is_update = True
+    new_client_problem = ("moves a client's model only by the server's threshold clustering of that "
+                          "round's uploads, which a client that never trains has no part in: it would "
+                          "score its initial model; use strategy=clustered or ifca for new clients")
 
     def __init__(self, cfg, initial_state, partition_sizes):
         super().__init__(cfg, initial_state, partition_sizes)

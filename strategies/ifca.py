@@ -133,6 +133,9 @@ class IFCA(Method):
     def eval_arrays(self, cid):
         return self.models[self.assignment[cid]] if cid in self.assignment else self.all_models()
 
+    def new_client_arrays(self, cid, server_round):
+        return {}  # a new client only picks a cluster model, at scoring (eval_arrays: all K)
+
     def round_metrics(self, server_round):
         sizes = [0] * self.K
         for cid, j in self.assignment.items():
@@ -179,6 +182,11 @@ class IFCAClient(ClientMethod):
 
     def upload_reference(self, received, upload, config):
         return {k: self.chosen[k] for k in upload}
+
+    def adapt(self, received, config):
+        """A new client personalizes by picking the cluster model of lowest loss, which
+        ``evaluate`` does with the K models it is sent: no training first."""
+        return {}
 
     def evaluate(self, received, config):
         if is_bundle(received):

@@ -179,6 +179,10 @@ class LGMix(Method):
     def personalize_config(self, cid, server_round):
         return {"cbar": float(self.cbar[cid])}
 
+    def new_client_extra(self, cid):
+        """A new client mixes its first local update with the last Dbar, as in its first round."""
+        return self.dbar
+
     def round_metrics(self, server_round):
         """Per client c_i, cbar_i and both traces, and their means over the round's clients:
         cbar is a running mean over all rounds, so the per-round c_i shows what it averages."""
@@ -259,6 +263,10 @@ class LGMixClient(ClientMethod):
         self.state.save("personal", theta)
         self.state.save_scalars({"delta_round": -1})
         return {"cbar": cbar}
+
+    def adapt_after(self, extra, config, metrics):
+        """A new client's cbar_i is its only c_i: the mix of its first round."""
+        self.personalize(extra, {**config, "cbar": float(metrics[C_I])})
 
     def evaluate(self, received, config):
         personal = self.model("main", self.personal_state(received))

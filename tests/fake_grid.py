@@ -27,6 +27,7 @@ import server_app
 
 HANDLERS = {MessageType.TRAIN: client_app.train, MessageType.EVALUATE: client_app.evaluate,
             f"{MessageType.TRAIN}.personalize": client_app.personalize,
+            f"{MessageType.EVALUATE}.new_client": client_app.new_client,
             MessageType.QUERY: client_app.query}
 
 

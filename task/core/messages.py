@@ -24,6 +24,9 @@ METRICS = "metrics"
 # personalize phase's own metrics under PERSONALIZE_METRICS.
 EVAL_ARRAYS = "eval-arrays"
 PERSONALIZE_METRICS = "personalize-metrics"
+# A new client's message (``new_clients=F``, task/engine/new_clients.py): the arrays of its
+# method's phase after its own training (LG-Mix: the last aggregated update).
+NEW_CLIENT_EXTRA = "new-client-extra"
 # Reply metric: the bytes of the IP address of the Ray node a ClientApp ran on (client_app.ray_node).
 RAY_NODE = "ray-node"
 

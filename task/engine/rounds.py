@@ -15,7 +15,8 @@ client: each sampled client can get its own arrays and config from the method. A
 4. ``personalize``: the method's optional phase after aggregation, carrying the round's
    evaluation for the clients it reaches;
 5. ``configure_evaluate``/``aggregate_evaluate``: the other clients score their personal
-   models; the summary (task/engine/evaluation.py), per-group accuracy;
+   models; the summary (task/engine/evaluation.py), per-group accuracy; after the last round,
+   the held-out new clients (``new_clients=F``, task/engine/new_clients.py) adapt and score;
 6. the metrics row (``round_metrics``, bytes, rejections, timing) and the checkpoint
    (task/engine/checkpoint.py).
 """
@@ -40,6 +41,7 @@ from task.core.params import StateDict, to_record
 from task.engine import checkpoint
 from task.engine.evaluation import client_details, eval_row, eval_sample, summarize_scores
 from task.engine.exchange import Directory, exchange
+from task.engine.new_clients import adapt_new_clients, new_clients
 from task.engine.replies import validate_eval_reply, validate_train_reply
 from task.threat.byzantine import ThreatModel
 
@@ -58,13 +60,15 @@ def sample_size(cfg, num_clients: int) -> int:
     return max(1, min(num_clients, round(float(cfg.fraction_train) * num_clients)))
 
 
-def draw_clients(rng: np.random.Generator, cfg, num_clients: int) -> list[int]:
-    """One round's sample from the run's generator (the door replays it for a resume)."""
+def draw_clients(rng: np.random.Generator, cfg, num_clients: int, pool: list[int] | None = None) -> list[int]:
+    """One round's sample from the run's generator (the door replays it for a resume), drawn
+    from ``pool`` (the clients that train; default all ``num_clients``)."""
+    pool = list(range(num_clients)) if pool is None else pool
     if cfg.get("participation", "fixed") == "bernoulli":
-        drawn = rng.random(num_clients) < float(cfg.fraction_train)
-        return [int(c) for c in np.flatnonzero(drawn)]
-    size = sample_size(cfg, num_clients)
-    return sorted(int(c) for c in rng.choice(num_clients, size=size, replace=False))
+        drawn = rng.random(len(pool)) < float(cfg.fraction_train)
+        return [pool[int(i)] for i in np.flatnonzero(drawn)]
+    size = sample_size(cfg, len(pool))
+    return sorted(pool[int(i)] for i in rng.choice(len(pool), size=size, replace=False))
 
 
 class Engine(Strategy):
@@ -86,6 +90,8 @@ class Engine(Strategy):
         self._scores: list[tuple[int, dict]] = []  # the last evaluation's valid scores
         self._eval_sample = eval_sample(int(self.cfg.seed), self.num_clients,
                                         float(self.cfg.get("eval_fraction", 1.0)))
+        self.new_clients = dict.fromkeys(new_clients(self.cfg, self.num_clients))  # ordered, O(1) `in`
+        self.training = [c for c in range(self.num_clients) if c not in self.new_clients]
         self._reply_cid: dict[str, int] = {}  # message id -> client it was sent for
         # Whether the next round first looks for nodes that reconnected under a new node id:
         # only after a round that missed or rejected replies, since asking the SuperLink for
@@ -175,6 +181,8 @@ class Engine(Strategy):
         }
         if evaluate:
             row.update(self._evaluate(grid, server_round, timeout, scored))
+        if self.new_clients and server_round == int(self.cfg.num_rounds):
+            row.update(adapt_new_clients(self, grid, server_round, timeout))
         row.update(self.method.round_metrics(server_round))
         row.update(self._counters(started))
         return row
@@ -259,7 +267,7 @@ class Engine(Strategy):
         """Client ids sampled for training this round (seeded, method-independent): a fixed
         count without replacement, or each client independently with probability
         ``fraction_train`` (``participation=bernoulli``)."""
-        return draw_clients(self.rng, self.cfg, self.num_clients)
+        return draw_clients(self.rng, self.cfg, self.num_clients, self.training)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -321,14 +329,20 @@ class Engine(Strategy):
                 for cid in self.eval_clients()]
 
     def eval_clients(self) -> list[int]:
-        """The clients that evaluate: all, or the fixed seeded ``eval_fraction`` sample."""
-        if self._eval_sample is None:
-            return sorted(self.clients)
-        return [cid for cid in self._eval_sample if cid in self.clients]
+        """The clients that evaluate: all, or the fixed seeded ``eval_fraction`` sample (never
+        the new clients, scored apart)."""
+        pool = sorted(self.clients) if self._eval_sample is None else self._eval_sample
+        return [cid for cid in pool if cid in self.clients and cid not in self.new_clients]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Mean, sample-weighted mean and worst client of the personal accuracies
         (task/engine/evaluation.py); Byzantine clients are scored but left out."""
+        self._scores = self.scores(replies)
+        return summarize_scores(self._scores, self.method.excluded_clients, self.method.has_global_model)
+
+    def scores(self, replies: Iterable[Message]) -> list[tuple[int, dict]]:
+        """The valid evaluation replies' (client, scores), by client (arrival order must not
+        change the floating-point sums); the others rejected and counted."""
         scores = []
         for message in replies:
             cid = self._reply_cid.get(message.metadata.reply_to_message_id)
@@ -336,9 +350,7 @@ class Engine(Strategy):
             score = validate_eval_reply(message, cid, num_test, self.stats)
             if score is not None:
                 scores.append(score)
-        scores.sort(key=lambda s: s[0])  # arrival order must not change the floating-point sums
-        self._scores = scores
-        return summarize_scores(scores, self.method.excluded_clients, self.method.has_global_model)
+        return sorted(scores, key=lambda s: s[0])
 
     def summary(self) -> None:
         log(INFO, "\t├── strategy: %s (%s clients)", self.method.name, self.num_clients)

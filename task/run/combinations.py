@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from task.algorithms.robust import byzantine_count
 from task.core.models import batchnorm_keys, build_model, input_mismatch
 from task.data.federation import Federation
+from task.engine.new_clients import new_clients_problem, training_clients
 from task.engine.rounds import sample_size
 from task.run.config import ConfigError
 
@@ -25,7 +26,7 @@ KRUM_TYPE = ("krum", "multi_krum")
 
 def combination_problem(cfg: DictConfig, federation: Federation) -> str | None:
     """Why this combination would run without meaning, or None."""
-    for check in (_model_takes_the_inputs, _byzantine_majority, _attack_without_aggregation,
+    for check in (_model_takes_the_inputs, _new_clients, _byzantine_majority, _attack_without_aggregation,
                   _aggregator_unused, _too_few_uploads, _fedbn_without_batchnorm):
         problem = check(cfg, federation)
         if problem is not None:
@@ -89,9 +90,17 @@ def _aggregator_unused(cfg: DictConfig, federation: Federation) -> str | None:
     return None
 
 
+def _new_clients(cfg: DictConfig, federation: Federation) -> str | None:
+    from strategies import lookup
+
+    server_cls, _ = lookup(str(cfg.strategy.name))
+    return new_clients_problem(cfg, len(federation.clients), server_cls.new_client_problem)
+
+
 def uploads_per_round(cfg: DictConfig, num_clients: int) -> int:
-    """How many clients train in a round (the engine's sample size; the expected count where
-    each client is drawn independently)."""
+    """How many clients train in a round (the engine's sample size over the clients that train,
+    all but the new ones; the expected count where each client is drawn independently)."""
+    num_clients = len(training_clients(cfg, num_clients))
     if cfg.get("participation", "fixed") == "bernoulli":
         return max(1, int(float(cfg.fraction_train) * num_clients))
     return sample_size(cfg, num_clients)

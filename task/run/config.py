@@ -56,6 +56,7 @@ TOP_SCHEMA: Schema = {
     "lr": Field(float, 0.0, 10.0, low_open=True),
     "eval_every": COUNT,
     "eval_fraction": FRACTION,
+    "new_clients": Field(float, 0.0, 1.0, high_open=True),
     "device": Field(str, choices=("auto", "cpu", "cuda")),
     "deterministic": Field(bool),
     "reuse_freed_memory_mb": Field(int, 0),

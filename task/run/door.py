@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from task.core.models import build_model
 from task.data.federation import Federation
 from task.engine.checkpoint import CHECKPOINT, CHECKPOINT_META
+from task.engine.new_clients import training_clients
 from task.engine.rounds import draw_clients
 from task.run.combinations import check_combination, check_inputs, uploads_per_round
 from task.run.config import ConfigError
@@ -113,9 +114,10 @@ def check_min_replies(cfg: DictConfig, num_clients: int) -> None:
     """A ``min_replies`` no round can meet would train nothing and fail after the last round."""
     sampled = uploads_per_round(cfg, num_clients)
     if int(cfg.min_replies) > sampled:
+        training = len(training_clients(cfg, num_clients))
         raise ConfigError(f"min_replies={cfg.min_replies} can never be met: each round samples {sampled} of "
-                          f"the {num_clients} clients (fraction_train={cfg.fraction_train}); set min_replies "
-                          f"to at most {sampled}")
+                          f"the {training} clients that train (fraction_train={cfg.fraction_train}); set "
+                          f"min_replies to at most {sampled}")
 
 
 def check_run(cfg: DictConfig, federation: Federation, keeps_client_state: bool, handover: str = "") -> Path:
@@ -164,8 +166,9 @@ def last_trained_rounds(cfg: DictConfig, meta: dict, rows: list[dict], num_clien
     clean = {int(r["round"]) for r in rows if r.get("train_loss") is not None
              and not r.get("rejected_replies") and not r.get("late_replies") and not r.get("missing_clients")}
     last: dict[int, int] = {}
+    pool = training_clients(cfg, num_clients)
     for server_round in range(1, int(meta["round"]) + 1):
-        for cid in draw_clients(rng, cfg, num_clients):
+        for cid in draw_clients(rng, cfg, num_clients, pool):
             if server_round in clean:
                 last[int(cid)] = server_round
     return last if rng.bit_generator.state == meta.get("rng") else {}

@@ -86,6 +86,26 @@ def select_best_round(rows: list[dict]) -> dict | None:
     return max(scored, key=lambda r: (r["validation_accuracy"]["mean"], -r["round"]))
 
 
+NEW_CLIENT_KEYS = ("new_clients", "new_client_accuracy", "new_client_per_client_accuracy",
+                   "new_client_global_accuracy")
+
+
+def _new_client_results(rows: list[dict]) -> dict[str, Any]:
+    """The held-out new clients' scores (new_clients=F), from the row that has them (the last)."""
+    scored = [r for r in rows if "new_clients" in r]
+    return {k: scored[-1].get(k) for k in NEW_CLIENT_KEYS} if scored else {}
+
+
+def _new_client_lines(results: dict) -> list[str]:
+    accuracy = results.get("new_client_accuracy")
+    if not results.get("new_clients"):
+        return []
+    if accuracy is None:
+        return [f"pflower: new clients {results['new_clients']}: no valid score came back"]
+    return [f"pflower: {len(results['new_clients'])} new clients (never trained), after adapting: acc "
+            f"{accuracy['mean']:.4f} (weighted {accuracy['weighted']:.4f}, worst {accuracy['worst']:.4f})"]
+
+
 class RunOutputs:
     """Writes ``config.yaml``, ``metrics.jsonl``, ``results.json``, plots and, given the
     federation's ``clients``, ``clients.csv``."""
@@ -165,6 +185,7 @@ class RunOutputs:
             "per_client_accuracy": (final or {}).get("per_client_accuracy", {}),
             "group_accuracy": (final or {}).get("group_accuracy"),
             "best_group_accuracy": (best or {}).get("group_accuracy"),
+            **_new_client_results(rows),
             "bytes_up": sum(r.get("bytes_up", 0) for r in rows),
             "bytes_down": sum(r.get("bytes_down", 0) for r in rows),
             "eval_bytes_down": sum(r.get("eval_bytes_down", 0) for r in rows),
@@ -176,6 +197,10 @@ class RunOutputs:
 
     @staticmethod
     def summary_lines(results: dict) -> list[str]:
+        return [*RunOutputs._accuracy_lines(results), *_new_client_lines(results)]
+
+    @staticmethod
+    def _accuracy_lines(results: dict) -> list[str]:
         """The end-of-run summary: final and selected accuracy, and a per-group table."""
         final, best = results.get("final_accuracy"), results.get("best_accuracy")
         lines = []

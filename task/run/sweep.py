@@ -14,6 +14,11 @@ A job whose run completed (its folder's ``status.json``) is not run again, and a
 one is resumed from its checkpoint (``resume=``), never appended to, so running the same
 command again finishes a sweep. Failed jobs are left out of the summary and make the command
 exit 1; Ctrl-C stops the running job (and the sweep) with exit 130.
+
+``--search N`` searches instead of sweeping: Optuna's ask-and-tell over the same override
+syntax (``lr=tag(log,interval(0.005,0.2))``, ``strategy.lam=choice(0.1,1,10)``), N trials
+ranked by best-round validation accuracy, the study kept in ``--out`` and resumed by running
+the same command again (task/run/search.py, docs/search.md).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +97,10 @@ def job_arguments(combo: list[str], job_dir: Path) -> list[str]:
     return [*combo, f"output_dir={job_dir}"]
 
 
-def run_jobs(combos: list[list[str]], out: Path) -> tuple[dict[str, list[Path]], list[str]]:
-    """Run every job not completed yet; the jobs by row, and the names of the failed ones."""
+def run_jobs(combos: list[list[str]], out: Path, run_job: Callable[[list[str]], int] = launch.main
+             ) -> tuple[dict[str, list[Path]], list[str]]:
+    """Run every job not completed yet with ``run_job`` (``pflower-sim``'s main); the jobs by
+    row, and the names of the failed ones."""
     groups: dict[str, list[Path]] = {}
     failed = []
     for i, combo in enumerate(combos, 1):
@@ -104,7 +112,7 @@ def run_jobs(combos: list[list[str]], out: Path) -> tuple[dict[str, list[Path]],
         arguments = job_arguments(combo, job_dir)
         resumed = " (resumed)" if arguments[-1].startswith("resume=") else ""
         print(f"[{i}/{len(combos)}] {job_dir.name}{resumed}", flush=True)
-        code = launch.main(arguments)
+        code = run_job(arguments)
         if code in (130, 143):  # Ctrl-C / SIGTERM stopped the job: stop the sweep too
             raise KeyboardInterrupt
         if code != 0 or not completed(job_dir):
@@ -216,7 +224,8 @@ def summary_figure(rows: list[dict]):
     return fig
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, run_job: Callable[[list[str]], int] = launch.main) -> int:
+    """The command; ``run_job`` runs one job from ``pflower-sim``'s arguments (its exit status)."""
     parser = argparse.ArgumentParser(prog="pflower-sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="+", help="Hydra overrides; comma-separated values are swept")
     parser.add_argument("--out", type=Path, required=True, help="directory for the jobs and the summary")
@@ -224,7 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=None,
                         help="also write tradeoff.md/.csv/.png: per row, rounds and bytes to reach this "
                              "mean personalized accuracy, and accuracy against rounds and bytes")
+    parser.add_argument("--search", type=int, default=None, metavar="N",
+                        help="search instead: N Optuna trials over interval(a,b), tag(log,interval(a,b)), "
+                             "range(a,b), choice(x,y); ranked by best-round validation accuracy")
     args = parser.parse_args(argv)
+    if args.search is not None:
+        from task.run import search
+
+        return search.main(launch.split_arguments(args.overrides), args.out, args.search,
+                           lambda combos, out: run_jobs(combos, out, run_job), args.summarize_only)
     try:
         combos = expand(launch.split_arguments(args.overrides))
     except OverrideParseException as err:
