@@ -38,9 +38,11 @@ the criteria wait for a round that samples the whole cluster).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from logging import WARNING
 from typing import Any
 
 import torch
+from flwr.common import log
 
 from task.algorithms import bipartition as geometry
 from task.algorithms.cluster_metrics import cluster_ari
@@ -86,6 +88,17 @@ class CFL(Method):
         self.update_keys = [k for k, v in initial_state.items() if v.is_floating_point()]
         self._norms: dict[str, list[float]] = {}
         self._ari: float | None = None
+        if self.partial_participation():
+            log(WARNING, "cfl splits a cluster only in a round that samples all its members: with "
+                "partial participation (fraction_train=%s, clients_per_round=%s, participation=%s) "
+                "a split waits for such a round", cfg.get("fraction_train"), cfg.get("clients_per_round"),
+                cfg.get("participation"))
+
+    def partial_participation(self) -> bool:
+        per_round = self.cfg.get("clients_per_round")
+        return (float(self.cfg.get("fraction_train", 1.0)) < 1.0
+                or self.cfg.get("participation") == "bernoulli"
+                or (per_round is not None and int(per_round) < self.num_clients))
 
     @classmethod
     def from_model(cls, cfg, model, partition_sizes):
