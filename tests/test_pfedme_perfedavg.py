@@ -3,6 +3,8 @@ iteration of the paper's equations, on the MLP), the server steps, and the round
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,3 +148,26 @@ def test_round_loop_learns_above_chance(name):
     assert last["rejected_replies"] == 0 and len(last["per_client_accuracy"]) == 4
     acc = last["personalized_accuracy"]
     assert 0.3 < acc["mean"] <= 1 and last["global_accuracy"] is not None  # chance: 0.1
+
+
+def test_pfedme_killed_then_resumed_ends_like_an_uninterrupted_run(tmp_path):
+    """theta_i is client state on disk: a resumed run scores the same personal models."""
+    from .test_reliability import _KilledError, _server_run
+
+    base = f"{TINY} strategy=pfedme strategy.K=2 model=mlp num_rounds=3 fraction_train=0.5"
+    full = f"{base} output_dir={tmp_path / 'full'} client_state_dir={tmp_path / 'full-state'}"
+    _server_run(full, FakeGrid(4, full))
+    part = f"{base} output_dir={tmp_path / 'part'} client_state_dir={tmp_path / 'part-state'}"
+    with pytest.raises(_KilledError):
+        _server_run(part, FakeGrid(4, part), kill_after=2)
+    resumed = f"{part} resume={tmp_path / 'part'}"
+    _server_run(resumed, FakeGrid(4, resumed))
+
+    def rows(d):
+        return [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = rows("full"), rows("part")
+    assert [r["round"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["per_client_accuracy"] == rb["per_client_accuracy"]
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6, abs=1e-9)
