@@ -33,6 +33,9 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "apfl": ("apfl", "APFL", "APFLClient"),
     "fedrod": ("fedrod", "FedRoD", "FedRoDClient"),
     "fml": ("fml", "FML", "FMLClient"),
+    "pfedme": ("pfedme", "PFedMe", "PFedMeClient"),
+    "perfedavg": ("perfedavg", "PerFedAvg", "PerFedAvgClient"),
+    "cfl": ("cfl", "CFL", "CFLClient"),
 }
 
 

@@ -39,7 +39,8 @@ REFUSED = {
 # Attacks whose round is also evaluated (the others test training and aggregation only).
 EVALUATED = ("gaussian", "ipm")
 # Per method, what makes its one round cheap without changing what it exercises.
-LIGHT = {"pfml": "strategy.K=1 strategy.local_iterations=2"}
+LIGHT = {"pfml": "strategy.K=1 strategy.local_iterations=2",
+         "pfedme": "strategy.K=1 strategy.local_iterations=2", "perfedavg": "strategy.local_steps=2"}
 
 
 def one_round(overrides: str, evaluate: bool = True) -> dict:
