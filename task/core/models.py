@@ -161,7 +161,7 @@ class LogReg(nn.Module):
         return self.classifier(self.flatten(x))
 
 
-MODELS = ("digit_cnn", "mlp", "cnn", "lenet5", "resnet18_gn", "logreg")
+MODELS = ("digit_cnn", "mlp", "cnn", "lenet5", "resnet18_gn", "logreg", "custom")
 
 
 def build_model(model: DictConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -181,6 +181,10 @@ def build_model(model: DictConfig, input_shape: tuple[int, int, int], num_classe
         return ResNet18GN(channels, num_classes, int(model.groups), float(model.width))
     if model.name == "logreg":
         return LogReg(channels * height * width, num_classes)
+    if model.name == "custom":  # the user's own nn.Module (task/core/custom_model.py)
+        from task.core.custom_model import build_custom
+
+        return build_custom(model, input_shape, num_classes)
     raise ValueError(f"unknown model {model.name!r}; valid: {', '.join(MODELS)}")
 
 

@@ -14,7 +14,7 @@ from task.data.federation import DeviceClients, Federation
 from task.data.normalize import normalized
 from task.data.partition_file import file_digest
 from task.data.partitions import partition_source, split_validation
-from task.data.sources import load_source
+from task.data.sources import Source, load_source
 
 
 def build_federation(cfg: DictConfig) -> Federation:
@@ -37,9 +37,23 @@ def build_federation(cfg: DictConfig) -> Federation:
         fed = build_digits_federation(dataset, seed)
     else:
         mode = str(cfg.dataset.get("normalize", "symmetric"))
-        source = normalized(load_source(cfg.dataset, val_fraction), mode)
+        source = normalized(own_source(cfg.dataset) or load_source(cfg.dataset, val_fraction), mode)
         fed = partition_source(source, cfg.partition, seed)
     return split_validation(fed, val_fraction, seed)
+
+
+def own_source(dataset: DictConfig) -> Source | None:
+    """The user's own images (``dataset=folder`` / ``hf``, docs/own_data.md), else None. Not in
+    sources.py, which these modules build on (no import circle)."""
+    if dataset.name == "folder":
+        from task.data.image_folder import load_folder
+
+        return load_folder(dataset)
+    if dataset.name == "hf":
+        from task.data.hf_source import load_hf
+
+        return load_hf(dataset)
+    return None
 
 
 def federation_key(cfg: DictConfig) -> str:
