@@ -207,3 +207,13 @@ def test_a_custom_model_trains_a_round_on_an_image_folder_and_a_saved_dataset(tm
         assert results["num_rounds"] == 1, results
         assert sorted(results["per_client_accuracy"]) == ["0", "1"]
         assert 0.0 <= results["final_accuracy"]["mean"] <= 1.0
+
+
+def test_the_federation_key_follows_the_images_on_disk(tmp_path):
+    from task.data.load import federation_key, tree_digest
+
+    write_images(tmp_path)
+    before = federation_key(folder_cfg(tmp_path))
+    Image.new("L", (8, 8)).save(tmp_path / "cat" / "new.png")
+    tree_digest.cache_clear()  # a new process (a node's next run) sees the folder afresh
+    assert federation_key(folder_cfg(tmp_path)) != before

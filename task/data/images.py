@@ -137,8 +137,11 @@ def make_source(name: str, train: Items, test: Items, val: Items | None, classes
     if len(classes) < 2:
         raise DataFileError(f"{where}: {len(classes)} class(es) {list(classes)}; a classifier needs at "
                             "least 2")
-    if len(train) == 0 or len(test) == 0:
-        raise DataFileError(f"{where}: no {'training' if len(train) == 0 else 'test'} images")
+    if len(train) == 0:
+        raise DataFileError(f"{where}: no training images")
+    if len(test) == 0:
+        raise DataFileError(f"{where}: no test images (dataset.test_fraction takes them only from a class "
+                            "with 2 or more images; give more, or train/ and test/ folders)")
     splits = [train, test] + ([val] if val is not None and len(val) else [])
     x = decode(splits, image_size, channels, where)
     x_train, y_train, d_train = x[0], train.labels, train.domains

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -56,11 +58,25 @@ def own_source(dataset: DictConfig) -> Source | None:
     return None
 
 
+@lru_cache(maxsize=8)
+def tree_digest(path: str) -> str:
+    """A hash of every file's name, size and modification time below ``path`` (once per process:
+    ``federation_key`` is asked at every message)."""
+    root = Path(path).expanduser()
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []:
+        stat = file.stat()
+        h.update(f"{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16] if root.is_dir() else "not a folder"
+
+
 def federation_key(cfg: DictConfig) -> str:
     """What identifies a federation: dataset, partition, seed (and a partition file's content)."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "partition")}
     if cfg.partition.name == "file":
         parts["partition_file"] = file_digest(cfg.partition.path)
+    if cfg.dataset.name in ("folder", "hf"):  # a node's cached partitions follow edited images
+        parts["own_data"] = tree_digest(str(cfg.dataset.path))
     return json.dumps({**parts, "seed": int(cfg.seed)}, sort_keys=True)
 
 

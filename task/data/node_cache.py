@@ -32,7 +32,8 @@ TASK_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = TASK_DIR.parent / "conf"
 CONFIG_CODE = ("run/config.py", "run/schema.py")
 DATA_CODE = ("data/load.py", "data/federation.py", "data/digits.py", "data/sources.py", "data/partitions.py",
-             "data/normalize.py", "data/partition_file.py")
+             "data/normalize.py", "data/partition_file.py", "data/images.py", "data/image_folder.py",
+             "data/hf_source.py")
 
 
 def _digest(*parts: str | bytes) -> str:
