@@ -161,7 +161,7 @@ class LogReg(nn.Module):
         return self.classifier(self.flatten(x))
 
 
-MODELS = ("digit_cnn", "mlp", "cnn", "lenet5", "resnet18_gn", "logreg", "custom")
+MODELS = ("digit_cnn", "mlp", "cnn", "lenet5", "resnet18_gn", "logreg")
 
 
 def build_model(model: DictConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -185,7 +185,7 @@ def build_model(model: DictConfig, input_shape: tuple[int, int, int], num_classe
         from task.core.custom_model import build_custom
 
         return build_custom(model, input_shape, num_classes)
-    raise ValueError(f"unknown model {model.name!r}; valid: {', '.join(MODELS)}")
+    raise ValueError(f"unknown model {model.name!r}; valid: {', '.join(MODELS)}, custom")
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
