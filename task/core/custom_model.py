@@ -104,7 +104,7 @@ def data_arguments(factory: Callable[..., Any], input_shape: tuple[int, ...], nu
                    ) -> dict[str, Any]:
     """The data parameters ``factory``'s signature names, with this data's values."""
     values = {"num_classes": num_classes, "in_channels": input_shape[0],
-              "image_size": input_shape[-1], "input_shape": tuple(input_shape)}
+              "image_size": input_shape[1], "input_shape": tuple(input_shape)}
     names = _signature(factory).parameters
     return {k: v for k, v in values.items() if k in names}
 
