@@ -15,7 +15,7 @@ folder names (all splits, all domains together), domain ids the sorted domain na
 ``i`` of the training (test) set is the ``i``-th image in the order (domain, class, path
 below the class folder), each sorted by name; ``python -m task.data.image_folder <path>``
 prints that table, for writing a ``partition=file`` split by index. Files whose suffix is not
-an image's (torchvision's ``IMG_EXTENSIONS``) and names starting with ``.`` are skipped.
+one of a format PIL opens, and names starting with ``.``, are skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +38,15 @@ VAL_NAMES = ("val", "validation", "valid")
 Tree = dict[str, dict[str, list[Path]]]
 
 
+@lru_cache(maxsize=1)
 def _image_suffixes() -> tuple[str, ...]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+    """The suffixes of every format PIL can open (.png, .jpg, .bmp, .gif, .tif, .webp, ...)."""
+    from PIL import Image
 
-    return tuple(IMG_EXTENSIONS)
+    Image.init()
+    common = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # named first in messages
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return tuple(e for e in common if e in readable) + tuple(sorted(readable - set(common)))
 
 
 def _visible(folder: Path) -> list[Path]:
