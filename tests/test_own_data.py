@@ -163,6 +163,16 @@ def test_a_local_imagefolder_is_read_by_load_dataset(tmp_path):
     assert fed.num_classes == 3 and fed.clients[0].num_train == 9 and fed.clients[0].num_test == 3
 
 
+def test_an_unlabelled_test_split_is_refused(tmp_path):
+    import datasets
+
+    test = _hf_dataset(3).cast_column("fine", datasets.Value("int64")).map(lambda row: {"fine": -1})
+    test = test.cast_column("fine", datasets.ClassLabel(names=list(CLASSES)))
+    datasets.DatasetDict({"train": _hf_dataset(6), "test": test}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(DataFileError, match="label -1 is not one of the 3 classes"):
+        build_federation(hf_cfg(tmp_path / "saved"))
+
+
 @pytest.mark.parametrize("extra,words", [
     ("dataset.label_column=label", "no column 'label' (dataset.label_column); its columns: ['img', 'fine'"),
     ("dataset.image_column=fine", "holds class labels, not images"),

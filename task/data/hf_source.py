@@ -109,7 +109,12 @@ def _label_ids(values: list[list[Any]], feature: Any, where: str) -> tuple[list[
         names = sorted({str(v) for v in flat})
         ids = {n: i for i, n in enumerate(names)}
         return [np.asarray([ids[str(v)] for v in vs], dtype=np.int64) for vs in values], names
-    return [np.asarray(vs, dtype=np.int64) for vs in values], list(names)
+    ids = [np.asarray(vs, dtype=np.int64) for vs in values]
+    bad = [int(v) for a in ids for v in a[(a < 0) | (a >= len(names))][:1]]
+    if bad:  # a ClassLabel's -1 is "no label" (some hubs' test splits are unlabelled)
+        raise DataFileError(f"{where}: label {bad[0]} is not one of the {len(names)} classes (-1: no label); "
+                            "use splits whose every row is labelled (dataset.train_split / test_split)")
+    return ids, list(names)
 
 
 def hf_items(dataset: DictConfig) -> tuple[Items, Items, list[str], list[str]]:
