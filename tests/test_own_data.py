@@ -227,3 +227,19 @@ def test_the_federation_key_follows_the_images_on_disk(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "cat" / "new.png")
     tree_digest.cache_clear()  # a new process (a node's next run) sees the folder afresh
     assert federation_key(folder_cfg(tmp_path)) != before
+
+
+def test_pflower_sim_makes_relative_paths_absolute_for_flowers_processes(tmp_path, monkeypatch):
+    from task.run.launch import pin_paths
+
+    write_images(tmp_path / "images")
+    (tmp_path / "nets.py").write_text("")
+    (tmp_path / "split.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    pinned = pin_paths("dataset=folder dataset.path=images model=custom model.target=nets.py:Net "
+                       "partition=file partition.path=split.json")
+    cfg = compose_config(pinned)
+    assert cfg.dataset.path == str(tmp_path / "images") and cfg.partition.path == str(tmp_path / "split.json")
+    assert cfg.model.target == f"{tmp_path / 'nets.py'}:Net"
+    module = "model=custom model.target=my_pkg.nets:Net"  # a module is imported, not a path
+    assert pin_paths(module) == module
