@@ -50,6 +50,9 @@ def test_clients_get_exactly_the_indices_of_the_file(tmp_path):
     ({"clients": [{"train": [0, 1], "test": [0], "val": [1]}]}, "overlap"),
     ({"clients": [{"train": ["a"], "test": [0]}]}, "list of integers"),
     ({"clients": [{"train": [0], "test": [0], "group": 2}], "groups": ["a"]}, "name for each"),
+    ({"clients": [{"train": [2 ** 70], "test": [0]}]}, "outside"),
+    ({"clients": [{"train": [0], "test": [0]}], "group": ["a"]}, "unknown top-level key"),
+    ({"clients": [{"train": [0], "test": [-1]}]}, "index -1 outside .* of the test set"),
 ])
 def test_a_bad_file_is_named_with_the_client_and_the_problem(tmp_path, spec, words):
     path = _write(tmp_path, spec)

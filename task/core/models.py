@@ -215,7 +215,11 @@ def build_model(model: DictConfig, input_shape: tuple[int, ...], num_classes: in
         return ResNet18GN(channels, num_classes, int(model.groups), float(model.width))
     if model.name == "logreg":
         return LogReg(channels * height * width, num_classes)
-    raise ValueError(f"unknown model {model.name!r}; valid: {', '.join(MODELS + TOKEN_MODELS)}")
+    if model.name == "custom":  # the user's own nn.Module (task/core/custom_model.py)
+        from task.core.custom_model import build_custom
+
+        return build_custom(model, input_shape, num_classes)
+    raise ValueError(f"unknown model {model.name!r}; valid: {', '.join(MODELS + TOKEN_MODELS)}, custom")
 
 
 def last_linear(model: nn.Module) -> nn.Linear:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -39,7 +41,7 @@ def build_federation(cfg: DictConfig) -> Federation:
         fed = build_digits_federation(dataset, seed)
     else:
         mode = str(cfg.dataset.get("normalize", "symmetric"))
-        source = normalized(read_source(cfg.dataset, val_fraction), mode)
+        source = normalized(own_source(cfg.dataset) or read_source(cfg.dataset, val_fraction), mode)
         fed = partition_source(source, cfg.partition, seed)
     return split_validation(fed, val_fraction, seed)
 
@@ -54,11 +56,39 @@ def read_source(dataset: DictConfig, val_fraction: float) -> Source:
     return load_source(dataset, val_fraction)
 
 
+def own_source(dataset: DictConfig) -> Source | None:
+    """The user's own images (``dataset=folder`` / ``hf``, docs/own_data.md), else None. Not in
+    sources.py, which these modules build on (no import circle)."""
+    if dataset.name == "folder":
+        from task.data.image_folder import load_folder
+
+        return load_folder(dataset)
+    if dataset.name == "hf":
+        from task.data.hf_source import load_hf
+
+        return load_hf(dataset)
+    return None
+
+
+@lru_cache(maxsize=8)
+def tree_digest(path: str) -> str:
+    """A hash of every file's name, size and modification time below ``path`` (once per process:
+    ``federation_key`` is asked at every message)."""
+    root = Path(path).expanduser()
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []:
+        stat = file.stat()
+        h.update(f"{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16] if root.is_dir() else "not a folder"
+
+
 def federation_key(cfg: DictConfig) -> str:
     """What identifies a federation: dataset, partition, seed (and a partition file's content)."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "partition")}
     if cfg.partition.name == "file":
         parts["partition_file"] = file_digest(cfg.partition.path)
+    if cfg.dataset.name in ("folder", "hf"):  # a node's cached partitions follow edited images
+        parts["own_data"] = tree_digest(str(cfg.dataset.path))
     return json.dumps({**parts, "seed": int(cfg.seed)}, sort_keys=True)
 
 

@@ -33,7 +33,7 @@ CONF_DIR = TASK_DIR.parent / "conf"
 CONFIG_CODE = ("run/config.py", "run/schema.py")
 DATA_CODE = ("data/load.py", "data/federation.py", "data/digits.py", "data/sources.py", "data/partitions.py",
              "data/normalize.py", "data/partition_file.py", "data/leaf.py", "data/natural.py",
-             "data/tiny_imagenet.py")
+             "data/tiny_imagenet.py", "data/images.py", "data/image_folder.py", "data/hf_source.py")
 
 
 def _digest(*parts: str | bytes) -> str:

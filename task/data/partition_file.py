@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 KEYS = ("train", "test", "val", "group")
+TOP_KEYS = ("clients", "groups")
 
 
 class PartitionFileError(ValueError):
@@ -44,6 +45,9 @@ def read_partition_file(path: str | Path, num_train: int, num_test: int
     clients = spec.get("clients") if isinstance(spec, dict) else None
     if not isinstance(clients, list) or not clients:
         raise PartitionFileError(f"{file}: expected an object with a non-empty list \"clients\"")
+    extra = sorted(set(spec) - set(TOP_KEYS))
+    if extra:  # a misspelt "groups" would otherwise drop the group names without a word
+        raise PartitionFileError(f"{file}: unknown top-level key(s) {extra}; valid: {list(TOP_KEYS)}")
     parsed = [_client(file, i, c, num_train, num_test) for i, c in enumerate(clients)]
     groups = max(c["group"] for c in parsed) + 1
     names = spec.get("groups") or [str(g) for g in range(groups)]
@@ -81,11 +85,12 @@ def _indices(file: Path, i: int, key: str, values: Any, size: int, allow_empty: 
         raise PartitionFileError(f"{where} must be a list of integers")
     if not values and not allow_empty:
         raise PartitionFileError(f"{where} is empty")
-    idx = np.asarray(values, dtype=np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= size):
-        bad = int(idx.max() if idx.max() >= size else idx.min())
+    outside = [v for v in values if not 0 <= v < size]  # Python ints: 2**70 must not overflow int64
+    if outside:
+        bad = outside[0]
         split = "test" if key == "test" else "training"
         raise PartitionFileError(f"{where} has index {bad} outside [0, {size - 1}] of the {split} set")
+    idx = np.asarray(values, dtype=np.int64)
     if len(np.unique(idx)) != len(idx):
         raise PartitionFileError(f"{where} repeats an index")
     return idx

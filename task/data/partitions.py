@@ -200,8 +200,9 @@ def plan(source: Source, partition: DictConfig, seed: int) -> tuple[list[ClientS
     if name == "domains":
         if not source.has_domains:
             natural = "natural (one client per owner), " if has_owners(source) else ""
-            raise ValueError(f"partition=domains needs a dataset made of domains (digits5, or the built-in "
-                             f"digits); dataset={source.name} has none: use {natural}iid, dirichlet, ...")
+            raise ValueError(f"partition=domains needs a dataset made of domains (digits5, the built-in "
+                             f"digits, a folder of <domain>/<class>/ folders); dataset={source.name} has "
+                             f"none: use {natural}iid, dirichlet, ...")
         per = partition.get("clients_per_domain") or 1
         d_tr, d_te = source.domain_train.numpy(), source.domain_test.numpy()
         specs = []

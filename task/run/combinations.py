@@ -10,7 +10,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from task.algorithms.robust import byzantine_count
-from task.core.models import batchnorm_keys, build_model, input_mismatch
+from task.core.models import batchnorm_keys, build_model, input_mismatch, last_linear
+from task.core.split import split_model
 from task.data.federation import Federation
 from task.engine.new_clients import new_clients_problem, training_clients
 from task.engine.rounds import sample_size
@@ -27,7 +28,7 @@ KRUM_TYPE = ("krum", "multi_krum")
 def combination_problem(cfg: DictConfig, federation: Federation) -> str | None:
     """Why this combination would run without meaning, or None."""
     for check in (_model_takes_the_inputs, _new_clients, _byzantine_majority, _attack_without_aggregation,
-                  _aggregator_unused, _too_few_uploads, _fedbn_without_batchnorm):
+                  _aggregator_unused, _too_few_uploads, _fedbn_without_batchnorm, _model_without_parts):
         problem = check(cfg, federation)
         if problem is not None:
             return problem
@@ -131,6 +132,29 @@ def _fedbn_without_batchnorm(cfg: DictConfig, federation: Federation) -> str | N
     if not batchnorm_keys(model):
         instead = ("use a model with BatchNorm (model=digit_cnn)" if len(federation.input_shape) == 3
                    else "no token model has BatchNorm: use another method")
-        return (f"strategy=fedbn keeps each client's BatchNorm layers local, and model={cfg.model.name} "
+        return (f"strategy=fedbn keeps each client's BatchNorm layers local, and model={_model_label(cfg)} "
                 f"has none, so it would run as FedAvg; {instead}")
+    return None
+
+
+def _model_label(cfg: DictConfig) -> str:
+    return f"custom ({cfg.model.get('target')})" if cfg.model.name == "custom" else str(cfg.model.name)
+
+
+def _model_without_parts(cfg: DictConfig, federation: Federation) -> str | None:
+    """A body/head method on a model with no head to find (task/core/split.py), or LG-Mix (whose
+    penultimate features are the input of the last nn.Linear) on a model without one."""
+    method = str(cfg.strategy.name)
+    if "head" not in cfg.strategy and method != "lgmix":
+        return None
+    model = build_model(cfg.model, federation.input_shape, federation.num_classes)
+    try:
+        if method == "lgmix":
+            last_linear(model)
+        else:
+            split_model(model, cfg.strategy.get("head"))
+    except ValueError as err:
+        what = ("splits the model into a shared and a kept part" if method != "lgmix"
+                else "reads the penultimate features at the input of the last nn.Linear")
+        return f"strategy={method} {what}, and model={_model_label(cfg)} cannot be: {err}"
     return None

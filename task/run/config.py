@@ -21,6 +21,7 @@ from task.run.schema import (
     STRATEGY_SCHEMAS,
     VAL_FRACTION,
     Field,
+    Mapping,
     Schema,
     Sizes,
 )
@@ -41,6 +42,18 @@ class ConfigError(ValueError):
 
 SOURCE_FIELDS: Schema = {"name": Field(str), "data_root": Field(str), "download": Field(bool),
                          "normalize": Field(str, choices=("symmetric", "unit", "standard"))}
+
+# dataset=folder (an image folder; task/data/image_folder.py) and dataset=hf (a local Hugging
+# Face dataset; task/data/hf_source.py).
+_IMAGES: Schema = {"name": Field(str), "path": Field(str), "image_size": Field(int, 4, 512, nullable=True),
+                   "channels": Field(int, 1, 3, nullable=True),
+                   "test_fraction": Field(float, 0.0, 1.0, low_open=True, high_open=True),
+                   "normalize": SOURCE_FIELDS["normalize"]}
+OWN_DATA_SCHEMAS: dict[str, Schema] = {
+    "folder": _IMAGES,
+    "hf": {**_IMAGES, "image_column": Field(str, nullable=True), "label_column": Field(str, nullable=True),
+           "domain_column": Field(str, nullable=True), "train_split": Field(str), "test_split": Field(str)},
+}
 
 TOP_SCHEMA: Schema = {
     "num_rounds": COUNT,
@@ -101,6 +114,7 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
         "tiny_imagenet": {"name": Field(str), "data_root": Field(str),
                           "normalize": SOURCE_FIELDS["normalize"], "image_size": Field(int, 8, 256),
                           "train_per_class": Field(int, 1, nullable=True)},
+        **OWN_DATA_SCHEMAS,
     },
     "partition": {
         "domains": {"name": Field(str), "clients_per_domain": Field(int, 1, nullable=True),
@@ -154,6 +168,7 @@ GROUP_SCHEMAS: dict[str, dict[str, Schema]] = {
         "resnet18_gn": {"name": Field(str), "groups": COUNT, "width": Field(float, 0.0, 4.0, low_open=True)},
         "logreg": {"name": Field(str)},
         "char_lstm": {"name": Field(str), "embedding": COUNT, "hidden": COUNT, "layers": COUNT},
+        "custom": {"name": Field(str), "target": Field(str), "kwargs": Mapping()},
     },
 }
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from task.core.custom_model import ModelSpecError, check_same_build
 from task.core.models import build_model
 from task.data.federation import Federation
 from task.engine.checkpoint import CHECKPOINT, CHECKPOINT_META
@@ -45,23 +46,43 @@ def run_directory(cfg: DictConfig) -> Path:
     return default_output_dir(cfg)
 
 
+def model_label(cfg: DictConfig) -> str:
+    """The model as a message names it: ``custom (my_pkg.nets:MyNet)`` for the user's own."""
+    name = str(cfg.model.name)
+    return f"{name} ({cfg.model.get('target')})" if name == "custom" else name
+
+
 def check_model_fits(cfg: DictConfig, federation: Federation) -> None:
-    """Build the model once and run it on one training sample of the federation."""
+    """Build the model (twice for the user's own: every process must build the same one) and run
+    it on two training samples of the federation: a floating (batch, num_classes) output."""
     check_inputs(cfg, federation)  # images or tokens: said before the model is run on a sample
-    torch.manual_seed(int(cfg.seed))
-    sample = federation.clients[0].x_train[:1].cpu()
+    sample = federation.clients[0].x_train[:2].cpu()
+    label = model_label(cfg)
     try:
-        model = build_model(cfg.model, federation.input_shape, federation.num_classes)
+        model = seeded_model(cfg, federation)
+        if cfg.model.name == "custom":
+            check_same_build(model, seeded_model(cfg, federation), str(cfg.model.target))
         model.eval()
         with torch.no_grad():
             out = model(sample)
-    except (RuntimeError, ValueError) as err:
-        raise DoorError(f"model={cfg.model.name} does not fit dataset={cfg.dataset.name}: inputs of shape "
-                        f"{tuple(federation.input_shape)} ({err}); pick a model that takes them or change "
-                        "the dataset's image size") from None
-    if tuple(out.shape) != (1, federation.num_classes):
-        raise DoorError(f"model={cfg.model.name} gives outputs of shape {tuple(out.shape)[1:]} for "
-                        f"dataset={cfg.dataset.name}'s {federation.num_classes} classes")
+    except ModelSpecError as err:
+        raise DoorError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - a model of one's own may raise anything
+        raise DoorError(f"model={label} does not fit dataset={cfg.dataset.name}: inputs of shape "
+                        f"{tuple(federation.input_shape)} ({type(err).__name__}: {err}); pick a model that "
+                        "takes them or change the dataset's image size") from None
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        what = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DoorError(f"model={label} returns {what}, not a floating tensor of logits (batch, num_classes)")
+    if tuple(out.shape) != (len(sample), federation.num_classes):
+        raise DoorError(f"model={label} gives outputs of shape {tuple(out.shape)} for a batch of "
+                        f"{len(sample)}; dataset={cfg.dataset.name} needs ({len(sample)}, "
+                        f"{federation.num_classes}): one logit per class")
+
+
+def seeded_model(cfg: DictConfig, federation: Federation) -> torch.nn.Module:
+    torch.manual_seed(int(cfg.seed))
+    return build_model(cfg.model, federation.input_shape, federation.num_classes)
 
 
 def read_checkpoint_meta(path: Path) -> dict:

@@ -193,6 +193,23 @@ def pin_output_dir(overrides: str) -> str:
     return f"{overrides} output_dir={shlex.quote(str(default_output_dir(cfg)))}".strip()
 
 
+def pin_paths(overrides: str) -> str:
+    """Relative paths of one's own data, split and model file made absolute here: Flower's
+    processes resolve them against the SuperLink's working directory, not this one."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(overrides)
+    pinned = {}
+    for key in ("dataset.path", "partition.path"):
+        value = Path(str(OmegaConf.select(cfg, key) or "")).expanduser()
+        if str(value) != "." and value.exists() and not value.is_absolute():
+            pinned[key] = str(value.resolve())
+    where, sep, name = str(cfg.model.get("target") or "").rpartition(":")
+    if sep and (where.endswith(".py") or "/" in where) and not Path(where).expanduser().is_absolute():
+        pinned["model.target"] = f"{Path(where).expanduser().resolve()}:{name}"
+    return " ".join([overrides, *(f"{k}={shlex.quote(v)}" for k, v in pinned.items())]).strip()
+
+
 def door(overrides: str) -> tuple[int, Path, str | None]:
     """Every check that can run before Flower starts: (clients, output folder, the answer when
     there is nothing to run), or an error."""
@@ -276,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pflower-sim: {problem}", file=sys.stderr)
         return 2
     try:
-        overrides = pin_output_dir(overrides)
+        overrides = pin_output_dir(pin_paths(overrides))
         clients, directory, done = door(overrides)
     except (ConfigError, ValueError, OSError, KeyError, RuntimeError) as err:
         print(f"pflower-sim: {err}", file=sys.stderr)

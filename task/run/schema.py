@@ -69,6 +69,16 @@ class Sizes(Field):
         return bool(values) and all(Field.accepts(self, v) for v in values)
 
 
+class Mapping(Field):
+    """A mapping of keyword arguments (``{hidden: 64}``), or null."""
+
+    def __init__(self) -> None:
+        super().__init__(dict, nullable=True)
+
+    def describe(self) -> str:
+        return "a mapping such as {hidden:64}, or null"
+
+
 Schema = dict[str, Field]
 
 POSITIVE = Field(float, 0.0, low_open=True)
