@@ -25,29 +25,12 @@ from task.run.config import compose_config
 from task.run.door import check_run
 from task.run.figures import run_title
 from task.run.outputs import RunOutputs
+from task.run.progress import progress_line
 from task.run.runfolder import RunFolder
 from task.run.trackers import Trackers
 
 app = ServerApp()
 STOP_LINGER_S = 30.0
-
-
-def progress_line(row: dict, num_rounds: int) -> str:
-    """One line a round: loss, personal accuracy (mean / worst), global accuracy, time."""
-    parts = [f"round {row['round']}/{num_rounds}"]
-    if row.get("train_loss") is not None:
-        parts.append(f"train loss {row['train_loss']:.4f}")
-    pers = row.get("personalized_accuracy")
-    if pers:
-        parts.append(f"personal acc {pers['mean']:.4f} (worst {pers['worst']:.4f})")
-    if row.get("validation_accuracy"):
-        parts.append(f"val acc {row['validation_accuracy']['mean']:.4f}")
-    if row.get("global_accuracy") is not None:
-        parts.append(f"global acc {row['global_accuracy']:.4f}")
-    if row.get("rejected_replies"):
-        parts.append(f"rejected {row['rejected_replies']}")
-    parts.append(f"{row['seconds']:.2f}s")
-    return " | ".join(parts)
 
 
 class StopRequestError(Exception):

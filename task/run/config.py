@@ -57,6 +57,7 @@ OWN_DATA_SCHEMAS: dict[str, Schema] = {
 
 TOP_SCHEMA: Schema = {
     "num_rounds": COUNT,
+    "backend": Field(str, choices=("flwr", "local")),
     "seed": Field(int, 0),
     "output_dir": Field(str),
     "fraction_train": FRACTION,

@@ -2,7 +2,9 @@
 
 - The log: ``flwr log --stream`` is read line by line; every line goes, without ANSI colours,
   to ``<run folder>/flower.log``; the terminal gets pflower's lines and Flower's errors, not
-  the notices every run repeats (``NOISE``). The ``flwr log`` process dies with pflower-sim
+  the notices every run repeats (``NOISE``), through the progress display
+  (task/run/progress.py), which shows the rounds from the folder's metrics.jsonl. The
+  ``flwr log`` process dies with pflower-sim
   (``PR_SET_PDEATHSIG``): a SIGKILL of pflower-sim leaves no orphan following the log.
 - The stop: Ctrl-C / SIGTERM creates ``<run folder>/.pflower.stop``, which the ServerApp reads
   before every message it sends (``server_app.WatchedGrid``): the run stops within a round,
@@ -28,8 +30,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from task.run.progress import PROGRESS_LINE
 from task.run.runfolder import FLOWER_LOG, STOP, read_status
+
+if TYPE_CHECKING:
+    from task.run.progress import RunDisplay
 
 POLL_S = 2.0
 STOP_GRACE_S = 30.0  # then `flwr stop`: a ServerApp stuck in one long wait does not see the file
@@ -60,8 +67,10 @@ def show(line: str, to_terminal: bool) -> bool:
 class FlowerRun:
     """One submitted Flower run: its log followed, its status polled, stopped on a signal."""
 
-    def __init__(self, command: list[str], directory: Path, env: dict[str, str]):
+    def __init__(self, command: list[str], directory: Path, env: dict[str, str],
+                 display: RunDisplay | None = None):
         self.command, self.directory, self.env = command, directory, env
+        self.display = display  # None: the log's lines straight to stdout
         self.run_id: str | None = None
         self.signal: int | None = None
         self.log_proc: subprocess.Popen | None = None
@@ -108,9 +117,13 @@ class FlowerRun:
             for line in stream:
                 log_file.write(ANSI.sub("", line))
                 log_file.flush()
-                if show(line, True):
+                if not show(line, True):
+                    continue
+                if self.display is None:
                     terminal.write(line if colours else ANSI.sub("", line))
                     terminal.flush()
+                elif not PROGRESS_LINE.match(ANSI.sub("", line)):  # the display prints the rounds
+                    self.display.log_line(line)
 
     def request_stop(self) -> None:
         """Ask the ServerApp to stop before its next message (see the module docstring)."""
@@ -143,6 +156,8 @@ class FlowerRun:
                 print(f"pflower-sim: run {self.run_id} did not stop within {STOP_WAIT_S:.0f}s",
                       file=sys.stderr)
                 break
+            if self.display is not None:
+                self.display.poll()
             if self.log_proc.poll() is None:  # still streaming: the run goes on
                 time.sleep(0.2)
                 continue

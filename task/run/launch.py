@@ -263,32 +263,59 @@ def outcome(record: dict, directory: Path, signum: int | None) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pflower-sim", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=ditto num_rounds=5")
     parser.add_argument("--cpus", type=int, default=1, help="CPUs per ClientApp (default 1)")
     parser.add_argument("--gpus", type=float, default=None,
                         help="GPU fraction per ClientApp (default: 0.2 when CUDA is present, else 0)")
-    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+    parser.add_argument("--ray-address", default=None,
                         help="run the ClientApps on this Ray cluster (e.g. 10.0.0.1:6379, as "
                              "`ray start --head` prints; default: $RAY_ADDRESS); see docs/ray_cluster.md")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything; print the flwr command only")
     parser.add_argument("--stop-superlink", action="store_true",
                         help="stop the local SuperLink and SuperExec that `flwr run` left running, and exit")
-    args = parser.parse_args(argv)
-    if args.stop_superlink:
-        running = local_superlink()
-        if running is None:
-            print("pflower-sim: no local SuperLink is running")
-            return 0
-        stopped = stop_superlink(running[0])
-        print(f"pflower-sim: stopped the local SuperLink and SuperExec (processes {stopped})")
+    return parser.parse_args(argv)
+
+
+def configured_backend(overrides: str) -> str:
+    """The config's ``backend``; ``flwr`` where the config cannot be composed (the door then says why)."""
+    try:
+        return str(compose_config(overrides).backend)
+    except ConfigError:
+        return "flwr"
+
+
+def flwr_problem(ray_address: str | None) -> str | None:
+    """Why ``flwr run`` would not run this checkout's code where asked (None: it would)."""
+    return ray_address_problem(ray_address) or superlink_code_problem()
+
+
+def stop_superlink_command() -> int:
+    running = local_superlink()
+    if running is None:
+        print("pflower-sim: no local SuperLink is running")
         return 0
+    stopped = stop_superlink(running[0])
+    print(f"pflower-sim: stopped the local SuperLink and SuperExec (processes {stopped})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    if args.stop_superlink:
+        return stop_superlink_command()
     overrides = join_overrides(args.overrides)
+    backend = configured_backend(overrides)
+    ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if backend == "local" and args.ray_address:
+        print("pflower-sim: --ray-address needs backend=flwr (backend=local runs every client in this "
+              "process); drop one of them", file=sys.stderr)
+        return 2
     # Before the door's checks (they build the federation): a run that cannot reach the
     # cluster it names is refused at once.
-    problem = None if args.dry_run else ray_address_problem(args.ray_address) or superlink_code_problem()
+    problem = None if args.dry_run or backend == "local" else flwr_problem(ray_address)
     if problem is not None:
         print(f"pflower-sim: {problem}", file=sys.stderr)
         return 2
@@ -301,13 +328,25 @@ def main(argv: list[str] | None = None) -> int:
     if done is not None:
         print(f"pflower-sim: {done}")
         return 0
-    gpus = args.gpus
+    if backend == "local":
+        from task.run.local import local_command
+
+        return local_command(overrides, clients, directory, args.dry_run)
+    return run_flwr(overrides, clients, directory, args.cpus, args.gpus, ray_address, args.dry_run)
+
+
+def run_flwr(overrides: str, clients: int, directory: Path, cpus: int = 1, gpus: float | None = None,
+             ray_address: str | None = None, dry_run: bool = False, console=None) -> int:
+    """Submit the checked run to ``flwr run``, follow it with a progress display, return the
+    exit status (see the module docstring); ``console``: rich's, where the display draws."""
+    from task.run.progress import RunDisplay
+
     if gpus is None:
         import torch
 
         gpus = 0.2 if torch.cuda.is_available() else 0.0
     token = ""
-    if not args.dry_run:
+    if not dry_run:
         from task.run.runfolder import claim_at_door
 
         try:  # the folder is this run's from now on: a second run into it is refused at its door
@@ -315,25 +354,28 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, RuntimeError) as err:
             print(f"pflower-sim: {err}", file=sys.stderr)
             return 2
-    command = flwr_command(overrides, clients, args.cpus, gpus, token)
+    command = flwr_command(overrides, clients, cpus, gpus, token)
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     prefix = ""
-    if args.ray_address:
-        env["RAY_ADDRESS"] = args.ray_address
-        prefix = f"RAY_ADDRESS={shlex.quote(args.ray_address)} "
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+        prefix = f"RAY_ADDRESS={shlex.quote(ray_address)} "
         for warning in cluster_path_warnings(overrides):
             print(f"pflower-sim: warning: {warning}", file=sys.stderr)
     print("+ " + prefix + shlex.join(command), flush=True)
-    if args.dry_run:
+    if dry_run:
         return 0
     from task.run.runfolder import release_door_claim
 
-    run = FlowerRun(command, directory, env)
-    previous = {s: signal.signal(s, run.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if run.submit() is None:
-            return 1
-        record = run.follow()
+        with RunDisplay(int(compose_config(overrides).num_rounds), directory, console) as display:
+            run = FlowerRun(command, directory, env, display)
+            for s in previous:
+                signal.signal(s, run.on_signal)
+            if run.submit() is None:
+                return 1
+            record = run.follow()
         release_door_claim(directory, token)  # a ServerApp that never took the lock over
         return outcome(record, directory, run.signal)
     finally:

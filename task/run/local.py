@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +33,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client_app
 import server_app
+from task.run.progress import PROGRESS_LINE
 from task.run.runfolder import RunFolder, read_status
 
 HANDLERS = {MessageType.TRAIN: client_app.train, MessageType.EVALUATE: client_app.evaluate,
@@ -40,9 +41,6 @@ HANDLERS = {MessageType.TRAIN: client_app.train, MessageType.EVALUATE: client_ap
             f"{MessageType.EVALUATE}.new_client": client_app.new_client,
             MessageType.QUERY: client_app.query}
 FIRST_NODE = 100
-# The ServerApp's one line a round (server_app.progress_line): a progress display shows rounds
-# itself, from the folder's metrics.jsonl, so that line is not shown twice.
-PROGRESS_LINE = re.compile(r"^(\S+\s*:\s*)?round \d+/\d+ \|")
 
 OnMessage = Callable[[str, int, int], None]
 
@@ -53,8 +51,8 @@ class LocalGrid(Grid):
 
     ``wire``: every message and reply is encoded to Flower's protobuf and decoded again, as a
     transport would (a handler then never shares a tensor with the server). ``on_message(kind,
-    done, total)`` is called after each message of a push; ``stop()`` before each, and a reason
-    it returns stops the run (``server_app.StopRequestError``).
+    done, total)`` is called after each message of a push (and with 0 before its first);
+    ``stop()`` before each, and a reason it returns stops the run (``server_app.StopRequestError``).
     """
 
     def __init__(self, overrides: str, num_nodes: int, wire: bool = True, on_message: OnMessage | None = None,
@@ -93,6 +91,8 @@ class LocalGrid(Grid):
             reason = self.stop() if self.stop is not None else None
             if reason is not None:
                 raise server_app.StopRequestError(reason)
+            if done == 1 and self.on_message is not None:  # a new phase begins
+                self.on_message(str(msg.metadata.message_type), 0, len(messages))
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             ids.append(msg.metadata.message_id)
             reply = self.handle(through_wire(msg) if self.wire else msg)
@@ -236,3 +236,41 @@ def run_local(overrides: str, num_nodes: int, directory: Path, on_message: OnMes
     status = read_status(directory) or {}
     return LocalOutcome(str(status.get("status", "failed")), directory, caught[0] if caught else None,
                         status.get("error") or error)
+
+
+def exit_status(outcome: LocalOutcome) -> int:
+    """pflower-sim's exit status for a local run (0 completed, 1 failed, 128 + signal stopped),
+    with what happened printed last."""
+    directory = outcome.directory
+    if outcome.status == "completed":
+        late = " (the stop came after its last round)" if outcome.signal is not None else ""
+        print(f"pflower-sim: run completed{late}; results in {directory / 'results.json'}")
+        return 0
+    if outcome.status == "stopped":
+        print(f"pflower-sim: run stopped; resume it with the same overrides plus resume={directory}",
+              file=sys.stderr)
+        return 128 + outcome.signal if outcome.signal is not None else 1
+    error = outcome.error or "see the log above"
+    print(f"pflower-sim: run failed ({outcome.status}): {error}", file=sys.stderr)
+    return 1
+
+
+def local_command(overrides: str, clients: int, directory: Path, dry_run: bool = False) -> int:
+    """``pflower-sim backend=local``: the checked run in this process, one node per client,
+    shown by the progress display; its exit status."""
+    from task.run.config import compose_config
+    from task.run.progress import RunDisplay
+
+    print(f"pflower-sim: backend=local: {clients} clients in this process; outputs in {directory}",
+          flush=True)
+    if dry_run:
+        return 0
+    num_rounds = int(compose_config(overrides).num_rounds)
+    try:
+        with RunDisplay(num_rounds, directory) as display:
+            outcome = run_local(overrides, clients, directory, display.on_message, display.log_line)
+    except KeyboardInterrupt:  # the second Ctrl-C: the run is gone, its folder says failed
+        print(f"pflower-sim: interrupted; the last finished round's checkpoint is in {directory}",
+              file=sys.stderr)
+        return 130
+    return exit_status(outcome)
