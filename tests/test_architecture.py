@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("task", "strategies")
+PACKAGES = ("task", "strategies", "pflower")
 TOP = ("server_app", "client_app")
 
 

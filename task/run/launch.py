@@ -279,12 +279,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def configured_backend(overrides: str) -> str:
-    """The config's ``backend``; ``flwr`` where the config cannot be composed (the door then says why)."""
+def configured_backend(overrides: str) -> str | None:
+    """The config's ``backend``; None where the config cannot be composed (the door says why)."""
     try:
         return str(compose_config(overrides).backend)
     except ConfigError:
-        return "flwr"
+        return None
 
 
 def flwr_problem(ray_address: str | None) -> str | None:
@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
               "process); drop one of them", file=sys.stderr)
         return 2
     # Before the door's checks (they build the federation): a run that cannot reach the
-    # cluster it names is refused at once.
-    problem = None if args.dry_run or backend == "local" else flwr_problem(ray_address)
+    # cluster it names is refused at once (a config that does not compose is the door's to say).
+    problem = flwr_problem(ray_address) if backend == "flwr" and not args.dry_run else None
     if problem is not None:
         print(f"pflower-sim: {problem}", file=sys.stderr)
         return 2
