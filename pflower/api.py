@@ -51,19 +51,25 @@ def overrides_text(overrides: Overrides) -> str:
         return overrides
     if isinstance(overrides, DictConfig | Mapping):
         return shlex.join(overrides_of(overrides))
+    if not isinstance(overrides, Sequence) or not all(isinstance(o, str) for o in overrides):
+        raise TypeError(f"overrides must be a string, a list of strings or a config, not {overrides!r}")
     from task.run.launch import join_overrides
 
-    return join_overrides([str(o) for o in overrides])
+    return join_overrides(list(overrides))
 
 
 def overrides_of(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
     """Hydra overrides that compose to ``cfg``: each group's option (the conf file whose keys and
-    name it has) and every value."""
+    name it has) and every value. A partial mapping gives overrides of what it holds
+    (``{"strategy": "ditto", "strategy.lam": 0.5, "num_rounds": 3}``)."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     found = []
     for group in GROUPS:
         section = data.pop(group, None)
         if section is None:
+            continue
+        if not isinstance(section, Mapping):  # an option's name
+            found.append(f"{group}={section}")
             continue
         found.append(f"{group}={group_option(group, section)}")
         found += [f"{group}.{key}={hydra_value(value)}" for key, value in _leaves(section)]

@@ -19,6 +19,10 @@
    SuperLink; so ``RAY_ADDRESS`` is set for the ``flwr run`` that starts the local SuperLink,
    and a local SuperLink already running with another ``RAY_ADDRESS`` is refused (exit 2)
    rather than silently running elsewhere (docs/ray_cluster.md).
+   With ``backend=local`` (a config key) there is no Flower command: the run goes on in this
+   process (task/run/local.py), with the same outputs, numbers, exit statuses and Ctrl-C.
+   Either way a progress display (task/run/progress.py) shows the rounds: live bars on a
+   terminal, one line a round elsewhere.
 3. Reads the run's final status from the SuperLink (``flwr ls``): exit 0 when it completed,
    1 when it failed (the failure's message last), 130 / 143 when stopped by Ctrl-C / SIGTERM.
    Ctrl-C (or SIGTERM) stops the Flower run (``flwr stop``) and waits for it, so nothing goes
@@ -34,6 +38,7 @@ import re
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -367,7 +372,9 @@ def run_flwr(overrides: str, clients: int, directory: Path, cpus: int = 1, gpus:
         return 0
     from task.run.runfolder import release_door_claim
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Only the main thread may set signal handlers (pflower.run called from another keeps them).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         with RunDisplay(int(compose_config(overrides).num_rounds), directory, console) as display:
             run = FlowerRun(command, directory, env, display)
