@@ -77,3 +77,17 @@ def test_the_local_backends_log_goes_to_the_display_without_its_round_lines():
         log(logging.WARNING, "no state on disk")
     assert shown == ["pflower: outputs in x", "WARNING: no state on disk"]
     assert any(isinstance(h, logging.StreamHandler) for h in logging.getLogger("flwr").handlers)
+
+
+def test_a_resumed_runs_earlier_rounds_start_the_bar_and_the_eta_follows_the_new_ones(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    append(path, ROWS[0])
+    out = io.StringIO()
+    with RunDisplay(4, tmp_path, Console(file=out, force_terminal=True, width=100)) as display:
+        task = display.progress.tasks[display.rounds]
+        assert task.completed == 1 and task.time_remaining is None  # round 1 is not this run's time
+        for r in (2, 3):
+            append(path, {**ROWS[0], "round": r})
+            display.poll()
+        assert task.completed == 3 and task.time_remaining is not None
+    assert out.getvalue().count("round 1/4 |") == 1

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # The ServerApp's line a round as its log shows it (``INFO :  round 3/10 | ...``): where a display
 # prints rounds from metrics.jsonl, the log's copy is left out.
 PROGRESS_LINE = re.compile(r"^(\S+\s*:\s*)?round \d+/\d+ \|")
+# rich estimates a bar's speed from its updates of the last this many seconds (its default, 30 s,
+# would hold one sample of a minute-long round: no ETA ever); the ETA shows from the second round.
+SPEED_WINDOW_S = 24 * 3600.0
 PHASES = {"query": "finding the nodes", "train": "training", "train.personalize": "personalizing",
           "evaluate": "evaluating"}
 
@@ -109,6 +112,9 @@ class RunDisplay:
         self.clients: TaskID | None = None
 
     def __enter__(self) -> RunDisplay:
+        for row in self.tail.new_rows():  # a resumed run's earlier rounds: shown, not timed
+            self.log(progress_line(row, self.num_rounds))
+            self.last_round = max(self.last_round, int(row["round"]))
         if self.bar:
             self._start_bars()
         return self
@@ -131,8 +137,8 @@ class RunDisplay:
 
         self.progress = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 console=self.console, transient=False)
-        self.rounds = self.progress.add_task("rounds", total=self.num_rounds)
+                                 console=self.console, transient=False, speed_estimate_period=SPEED_WINDOW_S)
+        self.rounds = self.progress.add_task("rounds", total=self.num_rounds, completed=self.last_round)
         self.clients = self.progress.add_task("clients", total=None, visible=False)
         self.progress.start()
 
