@@ -57,3 +57,15 @@ def test_a_failed_local_run_exits_1_with_its_error_last(tmp_path, capsys):
     assert exit_status(LocalOutcome("failed", tmp_path, None, "RuntimeError: no round aggregated")) == 1
     assert capsys.readouterr().err.strip().endswith("RuntimeError: no round aggregated")
     assert exit_status(LocalOutcome("stopped", tmp_path, signal.SIGTERM)) == 143
+
+
+def test_the_callers_torch_settings_are_put_back_after_a_local_run():
+    import torch
+
+    from task.run.local import process_settings_kept
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    with process_settings_kept():  # what the ClientApp handlers do (client_threads=1, deterministic)
+        torch.set_num_threads(1)
+        torch._C._set_deterministic_algorithms(not deterministic, warn_only=True)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)

@@ -161,7 +161,8 @@ def log_to(show: Callable[[str], None] | None) -> Iterator[None]:
         yield
         return
     flwr_logger = logging.getLogger("flwr")
-    console = [h for h in flwr_logger.handlers if isinstance(h, logging.StreamHandler)]
+    console = [h for h in flwr_logger.handlers
+               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     handler = LogLines(show)
     for h in console:
         flwr_logger.removeHandler(h)
@@ -188,7 +189,8 @@ def process_settings_kept() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        # torch's own setter without its import of torch._inductor (task/core/device.py says why)
+        torch._C._set_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
         torch.utils.deterministic.fill_uninitialized_memory = fill
 
