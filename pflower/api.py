@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from task.run.config import CONF_DIR, GROUPS, ConfigError, compose_config
+from task.run.config import CONF_DIR, GROUPS, LOGGER, ConfigError, compose_config
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -63,7 +63,7 @@ def overrides_of(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
     name it has) and every value. A partial mapping gives overrides of what it holds
     (``{"strategy": "ditto", "strategy.lam": 0.5, "num_rounds": 3}``)."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    found = []
+    found = []  # a mapping inside a section (model.kwargs) is one value: its keys need not be in conf/
     for group in GROUPS:
         section = data.pop(group, None)
         if section is None:
@@ -72,8 +72,13 @@ def overrides_of(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
             found.append(f"{group}={section}")
             continue
         found.append(f"{group}={group_option(group, section)}")
-        found += [f"{group}.{key}={hydra_value(value)}" for key, value in _leaves(section)]
-    return found + [f"{key}={hydra_value(value)}" for key, value in _leaves(data)]
+        found += [f"{group}.{key}={hydra_value(value)}" for key, value in section.items()]
+    trackers = data.pop(LOGGER, None)  # the group of which several options merge side by side
+    if trackers is not None:
+        found.append(f"{LOGGER}=[{','.join(trackers) or 'none'}]")
+        found += [f"{LOGGER}.{name}.{key}={hydra_value(value)}"
+                  for name, section in trackers.items() for key, value in section.items()]
+    return found + [f"{key}={hydra_value(value)}" for key, value in data.items()]
 
 
 def group_option(group: str, section: Mapping[str, Any]) -> str:
@@ -92,16 +97,6 @@ def group_option(group: str, section: Mapping[str, Any]) -> str:
     return max(candidates)[2]
 
 
-def _leaves(section: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in section.items():
-        if isinstance(value, Mapping):
-            out += _leaves(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
-
-
 def hydra_value(value: Any) -> str:
     """``value`` in Hydra's override grammar (strings quoted, so that "1" or "null" stay strings)."""
     if value is None:
@@ -112,6 +107,8 @@ def hydra_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple | ListConfig):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
     text = str(value).replace("\\", "\\\\").replace("'", "\\'")
     return f"'{text}'"
 
@@ -138,11 +135,11 @@ def run(overrides: Overrides = None, backend: str = "local", *, console: Console
     ``gpus`` per ClientApp and ``ray_address`` as pflower-sim's options). ``console``: the rich
     Console the progress display draws on (``Console(quiet=True)``: nothing shown).
     """
-    from task.run.launch import door, pin_output_dir
+    from task.run.launch import door, pin_output_dir, pin_paths
 
     if isinstance(overrides, DictConfig | Mapping):  # a config always holds a backend: the argument's wins
         overrides = [o for o in overrides_of(overrides) if not o.startswith("backend=")]
-    text = pin_output_dir(with_backend(overrides_text(overrides), backend))
+    text = pin_output_dir(pin_paths(with_backend(overrides_text(overrides), backend)))
     if backend == "flwr":
         from task.run.launch import flwr_problem
 

@@ -21,13 +21,19 @@ def test_a_changed_config_composes_back_to_itself():
     assert back.output_dir == "my runs/a" and back.strategy.name == "ditto"
 
 
+def test_trackers_and_a_custom_models_keyword_arguments_compose_back_too():
+    cfg = pflower.config("logger=[tensorboard,mlflow] logger.tensorboard.dir=tb model=custom "
+                         "model.target=torch.nn:Linear 'model.kwargs={in_features:4,out_features:2}'")
+    assert OmegaConf.to_container(compose_config(overrides_text(cfg))) == OmegaConf.to_container(cfg)
+
+
 def test_a_list_of_overrides_is_one_string_with_its_spaces_kept():
     text = overrides_text(["num_rounds=2", "output_dir=my runs/b"])
     assert compose_config(text).output_dir == "my runs/b"
 
 
 def test_a_config_of_no_known_option_is_refused_with_the_choices():
-    with pytest.raises(ConfigError, match="valid choices for 'model': cnn, digit_cnn"):
+    with pytest.raises(ConfigError, match="no option of conf/model/; valid choices for 'model': .*lenet5"):
         group_option("model", {"name": "transformer", "width": 1.0})
 
 
