@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.task_identity import TaskIdentity
 
 from task.core.bundles import bundle, is_bundle, serve_bundles, unbundle
 from task.core.messages import ARRAYS, CONFIG, METRICS
@@ -53,7 +54,7 @@ def test_one_node_per_client_sends_no_bundle():
     assert not any(is_bundle(m) for m in grid.pushed)
 
 
-def test_a_raising_client_is_that_clients_error_only():
+def test_a_raising_client_is_that_clients_error_only(monkeypatch):
     def handler(msg: Message, context) -> Message:
         cid = int(msg.content.config_records[CONFIG]["client-id"])
         if cid == 2:
@@ -64,6 +65,7 @@ def test_a_raising_client_is_that_clients_error_only():
     messages = [_message(c, shared) for c in (0, 2, 4)]
     sent = bundle(messages)
     sent.metadata.__dict__["_message_id"] = "m1"
+    monkeypatch.setattr(TaskIdentity, "_run_id", None)  # as in a ClientApp's Ray actor: none can be made
     reply = serve_bundles(handler)(sent, None)
     pairs = unbundle(sent, reply, messages)
     assert [m for m, _ in pairs] == messages

@@ -22,6 +22,7 @@ message is bundled. ``node_messages=per_client`` turns bundling off.
 
 from __future__ import annotations
 
+import copy
 import traceback
 from collections.abc import Callable
 
@@ -107,7 +108,9 @@ def serve_bundles(handler: Handler) -> Handler:
         contents: list[RecordDict | None] = []
         errors: dict[int, Error] = {}
         for i, part in enumerate(_unpack(msg.content)):
-            one = Message(part, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+            # The bundle's metadata, not a new message's: a ClientApp has no TaskIdentity of the
+            # run to make one with (in a Ray actor it is unset).
+            one = Message(metadata=copy.copy(msg.metadata), content=part)  # type: ignore[call-overload]
             try:
                 contents.append(handler(one, context).content)
             except Exception as err:  # noqa: BLE001 - as Flower answers a raising ClientApp
