@@ -62,3 +62,17 @@ def test_a_resume_cuts_clients_csv_back_with_metrics_jsonl(tmp_path):
     assert [(x["round"], x["client"], x["excluded"], x["trained"]) for x in lines] == [
         ("1", "0", "1", "0"), ("1", "1", "0", "1"), ("2", "0", "1", "0"), ("2", "1", "0", "1")]
     assert lines[3]["train_loss"] == "0.2" and lines[3]["test_samples"] == "2"
+
+
+def test_new_clients_have_a_line_of_their_own_in_the_last_round():
+    from task.run.client_table import client_lines
+
+    clients = [SimpleNamespace(domain_name=g, num_train=10, num_val=0, num_test=5)
+               for g in ("plain", "plain", "inverted", "inverted")]
+    row = {"round": 3, "per_client_accuracy": {"0": 0.5, "1": 0.75},
+           "per_client_train_loss": {"0": 1.0, "1": 2.0},
+           "new_clients": [3], "new_client_per_client_accuracy": {"3": 0.25}}
+    lines = {line["client"]: line for line in client_lines(row, clients)}
+    assert sorted(lines) == [0, 1, 3]
+    assert lines[3]["new_client"] == 1 and lines[3]["trained"] == 0 and lines[3]["personal_accuracy"] == 0.25
+    assert lines[3]["group"] == "inverted" and lines[0]["new_client"] == 0
