@@ -97,10 +97,11 @@ def job_arguments(combo: list[str], job_dir: Path) -> list[str]:
     return [*combo, f"output_dir={job_dir}"]
 
 
-def run_jobs(combos: list[list[str]], out: Path, run_job: Callable[[list[str]], int] = launch.main
+def run_jobs(combos: list[list[str]], out: Path, run_job: Callable[[list[str]], int] | None = None
              ) -> tuple[dict[str, list[Path]], list[str]]:
-    """Run every job not completed yet with ``run_job`` (``pflower-sim``'s main); the jobs by
-    row, and the names of the failed ones."""
+    """Run every job not completed yet with ``run_job`` (default: ``pflower-sim``'s main, looked
+    up at the call); the jobs by row, and the names of the failed ones."""
+    run_job = run_job or launch.main
     groups: dict[str, list[Path]] = {}
     failed = []
     for i, combo in enumerate(combos, 1):
@@ -224,7 +225,7 @@ def summary_figure(rows: list[dict]):
     return fig
 
 
-def main(argv: list[str] | None = None, run_job: Callable[[list[str]], int] = launch.main) -> int:
+def main(argv: list[str] | None = None, run_job: Callable[[list[str]], int] | None = None) -> int:
     """The command; ``run_job`` runs one job from ``pflower-sim``'s arguments (its exit status)."""
     parser = argparse.ArgumentParser(prog="pflower-sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="+", help="Hydra overrides; comma-separated values are swept")
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None, run_job: Callable[[list[str]], int] = la
             groups.setdefault(group_key(combo), []).append((args.out / job_name(combo)).resolve())
     else:
         try:
-            groups, failed = run_jobs(combos, args.out)
+            groups, failed = run_jobs(combos, args.out, run_job)
         except KeyboardInterrupt:
             print("pflower-sweep: stopped; run the same command again to resume", file=sys.stderr)
             return 130
