@@ -3,8 +3,6 @@ full-batch SGD step of the paper's equations, on the MLP), then the round loop, 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,21 +189,10 @@ def test_partial_methods_send_only_what_they_share(runs, name):
 
 @pytest.mark.parametrize("name", ["fedrep", "apfl"])
 def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, name):
-    from .test_reliability import _KilledError, _server_run
+    from .test_reliability import killed_and_resumed
 
-    base = f"{TINY} strategy={name} num_rounds=3 fraction_train=0.5 {FAST.get(name, '')}"
-    full = f"{base} output_dir={tmp_path / 'full'} client_state_dir={tmp_path / 'full-state'}"
-    _server_run(full, FakeGrid(4, full))
-    part = f"{base} output_dir={tmp_path / 'part'} client_state_dir={tmp_path / 'part-state'}"
-    with pytest.raises(_KilledError):
-        _server_run(part, FakeGrid(4, part), kill_after=2)
-    resumed = f"{part} resume={tmp_path / 'part'}"
-    _server_run(resumed, FakeGrid(4, resumed))
-
-    def rows(d):
-        return [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-
-    a, b = rows("full"), rows("part")
+    a, b = killed_and_resumed(tmp_path, f"{TINY} strategy={name} num_rounds=3 fraction_train=0.5 "
+                                        f"{FAST.get(name, '')}")
     assert [r["round"] for r in b] == [1, 2, 3]
     assert set(b[-1]["group_accuracy"]) == {"plain", "inverted"}  # per-group accuracy, via server_app
     for ra, rb in zip(a, b, strict=True):

@@ -3,8 +3,6 @@ iteration of the paper's equations, on the MLP), the server steps, and the round
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,21 +150,10 @@ def test_round_loop_learns_above_chance(name):
 
 def test_pfedme_killed_then_resumed_ends_like_an_uninterrupted_run(tmp_path):
     """theta_i is client state on disk: a resumed run scores the same personal models."""
-    from .test_reliability import _KilledError, _server_run
+    from .test_reliability import killed_and_resumed
 
-    base = f"{TINY} strategy=pfedme strategy.K=2 model=mlp num_rounds=3 fraction_train=0.5"
-    full = f"{base} output_dir={tmp_path / 'full'} client_state_dir={tmp_path / 'full-state'}"
-    _server_run(full, FakeGrid(4, full))
-    part = f"{base} output_dir={tmp_path / 'part'} client_state_dir={tmp_path / 'part-state'}"
-    with pytest.raises(_KilledError):
-        _server_run(part, FakeGrid(4, part), kill_after=2)
-    resumed = f"{part} resume={tmp_path / 'part'}"
-    _server_run(resumed, FakeGrid(4, resumed))
-
-    def rows(d):
-        return [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-
-    a, b = rows("full"), rows("part")
+    a, b = killed_and_resumed(tmp_path, f"{TINY} strategy=pfedme strategy.K=2 model=mlp num_rounds=3 "
+                                        "fraction_train=0.5")
     assert [r["round"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
         assert ra["per_client_accuracy"] == rb["per_client_accuracy"]

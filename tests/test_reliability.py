@@ -279,22 +279,27 @@ def _server_run(overrides: str, grid: FakeGrid, kill_after: int | None = None):
             server_app.progress_line = original
 
 
-@pytest.mark.parametrize("name", ["ditto", "fedbn"])
-def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, name):
-    base = f"{TINY} strategy={name} num_rounds=4 fraction_train=0.5"
+def killed_and_resumed(tmp_path, base: str, kill_after: int = 2) -> tuple[list[dict], list[dict]]:
+    """The rows of ``base`` run whole, and of ``base`` killed after round ``kill_after`` (its
+    metrics written, not its checkpoint) then resumed on fresh nodes (personal state from disk
+    only), each with a client_state_dir of its own."""
     full = f"{base} output_dir={tmp_path / 'full'} client_state_dir={tmp_path / 'full-state'}"
     _server_run(full, FakeGrid(4, full))
     part = f"{base} output_dir={tmp_path / 'part'} client_state_dir={tmp_path / 'part-state'}"
     with pytest.raises(_KilledError):
-        # The on-round hook dies after round 2's metrics are written, before its checkpoint.
-        _server_run(part, FakeGrid(4, part), kill_after=2)
+        _server_run(part, FakeGrid(4, part), kill_after=kill_after)
     resumed = f"{part} resume={tmp_path / 'part'}"
-    _server_run(resumed, FakeGrid(4, resumed))  # fresh nodes: personal state from disk only
+    _server_run(resumed, FakeGrid(4, resumed))
 
     def rows(d):
         return [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
 
-    a, b = rows("full"), rows("part")
+    return rows("full"), rows("part")
+
+
+@pytest.mark.parametrize("name", ["ditto", "fedbn"])
+def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, name):
+    a, b = killed_and_resumed(tmp_path, f"{TINY} strategy={name} num_rounds=4 fraction_train=0.5")
     assert [r["round"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         assert ra["per_client_accuracy"] == rb["per_client_accuracy"]
