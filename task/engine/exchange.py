@@ -1,7 +1,8 @@
 """Messages out and replies in, and which node serves which client.
 
 ``exchange`` pushes and pulls with a short, backing-off poll (Flower 1.41's
-``send_and_receive`` sleeps 3 s between polls). ``Directory`` learns the clients each node
+``send_and_receive`` sleeps 3 s between polls), and a deployment's pull of a reply's objects
+ends at the exchange's deadline (task/engine/reply_pull.py). ``Directory`` learns the clients each node
 serves from a "query" message at start and whenever an unknown node appears: client identity
 is the ``partition-id`` a ClientApp reports, never the Flower node id, which changes when a
 node reconnects.
@@ -17,6 +18,7 @@ from flwr.serverapp import Grid
 
 from task.core.bundles import bundle, unbundle
 from task.core.messages import CONFIG, METRICS, hosted_clients
+from task.engine.reply_pull import bounded
 
 POLL_START_S = 0.005
 POLL_MAX_S = 0.05
@@ -52,8 +54,9 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, bundled: bool 
     deadline = time.monotonic() + timeout
     delay = POLL_START_S
     while pending and time.monotonic() < deadline:
-        got = [r for r in grid.pull_messages(list(pending))
-               if r.metadata.reply_to_message_id in pending]
+        with bounded(deadline):  # a reply whose objects never come cannot hold the others
+            got = [r for r in grid.pull_messages(list(pending))
+                   if r.metadata.reply_to_message_id in pending]
         for reply in got:
             pending.discard(reply.metadata.reply_to_message_id)
             message, group = sent[reply.metadata.reply_to_message_id]

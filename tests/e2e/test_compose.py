@@ -127,10 +127,19 @@ def stack(daemon, tmp_path_factory):
         lab.wait_online(NODES)
         yield lab
     finally:
+        # The containers' logs outlive ``down``: a failure's cause stays readable in ``work``.
+        (work / "compose.log").write_text(lab.compose("logs", "--no-color", "--timestamps", check=False))
         lab.compose("down", "-v", "--remove-orphans", check=False)
         left = [daemon.docker(*cmd).stdout.split() for cmd in (("ps", "-aq"), ("volume", "ls", "-q"))]
         networks = daemon.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
         assert left == [[], []] and not [n for n in networks if n.startswith(PROJECT)], (left, networks)
+
+
+def noteworthy(stack: Stack) -> list[str]:
+    """The warnings, errors and restarts in every container's log: why a node missed a round."""
+    words = ("ERROR", "WARN", "abandon", "restart", "offline", "Traceback", "rejected", "Failed")
+    lines = stack.compose("logs", "--no-color", "--timestamps", check=False).splitlines()
+    return [line[-300:] for line in lines if any(w in line for w in words)][-60:]
 
 
 def test_a_job_runs_to_completed_and_a_killed_node_resumes_from_its_volume(stack):
@@ -162,9 +171,15 @@ def test_a_job_runs_to_completed_and_a_killed_node_resumes_from_its_volume(stack
     assert results.stat().st_uid == UID  # the host user's file
     rows = [json.loads(line) for line in (results.parent / "metrics.jsonl").read_text().splitlines()]
     missing = [r.get("missing_clients", []) for r in rows]
-    # Round 3 may start before the restarted node is back (the SuperLink answers for it then).
-    assert [r["round"] for r in rows] == [1, 2, 3, 4] and missing[1] == [VICTIM], missing
-    assert missing[0] == missing[3] == [] and missing[2] in ([], [VICTIM]), missing
+    counts = ("round", "seconds", "rejected_replies", "late_replies")
+    why = (missing, [{k: r.get(k) for k in counts} for r in rows], noteworthy(stack))
+    # The victim misses round 2 (killed while it trained or uploaded its reply: the round ends
+    # at round_timeout at the latest, task/engine/reply_pull.py) and may miss round 3 (not back
+    # yet); where its round-2 reply was out before the kill landed, it misses round 3. No other
+    # client misses a round: one node's death must not cost the others theirs.
+    assert [r["round"] for r in rows] == [1, 2, 3, 4] and missing[0] == missing[3] == [], why
+    assert all(set(m) <= {VICTIM} for m in missing) and VICTIM in missing[1] + missing[2], why
+    assert rows[1]["seconds"] < 90 + 30, why
     assert sorted(int(c) for c in rows[3]["per_client_accuracy"]) == list(range(NODES))
     restarted = stack.logs(victim).split("Starting Flower SuperNode")[-1]
     assert f"read from /state/client-{VICTIM}/personal.npz" in restarted, restarted[-3000:]

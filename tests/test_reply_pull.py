@@ -1,0 +1,136 @@
+"""task/engine/reply_pull.py through Flower 1.41's own ``HttpGrid.pull_messages``, the
+ServerApp's grid in a deployment, against a fake SuperLink that withholds a reply's objects."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.serde import message_to_proto
+from flwr.proto.message_pb2 import ConfirmMessageReceivedResponse, PullObjectResponse
+from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.grid import http_grid
+
+from task.engine import reply_pull
+from task.engine.exchange import exchange
+
+
+def test_the_flower_internal_it_replaces_is_where_it_expects():
+    assert http_grid.pull_objects is inflatable_utils.pull_objects
+    assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
+    assert {"max_time", "initial_backoff", "backoff_cap"} <= set(
+        inspect.signature(inflatable_utils.pull_objects).parameters)
+    with reply_pull.bounded(time.monotonic() + 1):
+        assert http_grid.pull_objects is reply_pull.pull_objects
+    assert http_grid.pull_objects is inflatable_utils.pull_objects  # restored
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """As in a ServerApp process, where Flower has set the task's identity (messages need it)."""
+    for name, value in (("_run_id", 7), ("_node_id", SUPERLINK_NODE_ID), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+class FakeLink:
+    """The SuperLink's Runtime API as HttpGrid calls it: replies to the pushed messages, whose
+    objects are there after ``unavailable`` tries each, or never (``withheld`` replies)."""
+
+    def __init__(self, unavailable: int = 0):
+        self.replies: dict[str, Message] = {}  # by the message it answers
+        self.objects: dict[str, bytes] = {}
+        self.withheld: set[str] = set()
+        self.unavailable, self.tries = unavailable, {}
+
+    def reply(self, sent: Message, withheld: bool = False) -> None:
+        cid = int(sent.content.config_records["config"]["client-id"])  # objects are content-addressed:
+        reply = Message(RecordDict({"metrics": MetricRecord({"x": float(cid)})}), reply_to=sent)  # own ones
+        reply.metadata.__dict__["_message_id"] = reply.object_id
+        self.replies[sent.metadata.message_id] = reply
+        objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(reply).items()}
+        self.objects.update(objects)
+        if withheld:
+            self.withheld |= set(objects)
+
+    def PullMessages(self, request):  # noqa: N802 -- Flower's RPC name
+        found = [self.replies.pop(i) for i in request.message_ids if i in self.replies]
+        from flwr.app.message import remove_content_from_message
+
+        return PullAppMessagesResponse(messages_list=[message_to_proto(remove_content_from_message(m))
+                                                      for m in found],
+                                       message_object_trees=[get_object_tree(m) for m in found])
+
+    def PullObject(self, request):  # noqa: N802
+        self.tries[request.object_id] = self.tries.get(request.object_id, 0) + 1
+        if request.object_id in self.withheld or self.tries[request.object_id] <= self.unavailable:
+            return PullObjectResponse(object_found=True, object_available=False)
+        return PullObjectResponse(object_found=True, object_available=True,
+                                  object_content=self.objects[request.object_id])
+
+    def ConfirmMessageReceived(self, request):  # noqa: N802
+        return ConfirmMessageReceivedResponse()
+
+
+class Grid(http_grid.HttpGrid):
+    """Flower's HttpGrid on ``link``; pushing only names the messages."""
+
+    def __init__(self, link: FakeLink):
+        super().__init__(token="t")
+        self._client, self._run = link, Run.create_empty(7)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            ids.append(m.metadata.message_id)
+        return ids
+
+
+def messages(n: int) -> list[Message]:
+    return [Message(RecordDict({"config": ConfigRecord({"client-id": i})}), dst_node_id=100 + i,
+                    message_type=MessageType.TRAIN) for i in range(n)]
+
+
+def test_a_reply_whose_objects_never_come_ends_at_the_deadline_and_the_others_are_read():
+    link = FakeLink()
+    grid, sent = Grid(link), messages(3)
+    ids = grid.push_messages(sent)
+    link.reply(sent[0], withheld=True)  # its node died while uploading: the header, no objects
+    link.reply(sent[1])
+    link.reply(sent[2])
+    assert ids == [m.metadata.message_id for m in sent]
+    result = {}
+    # Flower's own pull would retry the withheld objects for up to two hours: a thread, so that
+    # a regression fails here instead of hanging the suite.
+    thread = threading.Thread(target=lambda: result.update(out=exchange(grid, sent, 1.0, bundled=False)),
+                              daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the pull of a reply without its objects outlived the deadline"
+    pairs, late = result["out"]
+    assert late == 0
+    by_client = {int(s.content.config_records["config"]["client-id"]): r for s, r in pairs}
+    assert sorted(by_client) == [0, 1, 2]
+    assert by_client[0].has_error() and by_client[0].error.code == ErrorCode.MESSAGE_UNAVAILABLE
+    assert by_client[0].metadata.src_node_id == SUPERLINK_NODE_ID  # the engine counts it missing
+    assert not by_client[1].has_error() and not by_client[2].has_error()
+    assert [by_client[c].content.metric_records["metrics"]["x"] for c in (1, 2)] == [1.0, 2.0]
+
+
+def test_objects_that_arrive_a_moment_late_are_taken_within_a_fraction_of_flowers_first_backoff():
+    link = FakeLink(unavailable=3)  # Flower's backoff: 1 + 2 + 4 s (+-20%) before the 4th try
+    grid, sent = Grid(link), messages(1)
+    grid.push_messages(sent)
+    link.reply(sent[0])
+    started = time.monotonic()
+    pairs, late = exchange(grid, sent, 30.0, bundled=False)
+    assert late == 0 and len(pairs) == 1 and not pairs[0][1].has_error()
+    assert time.monotonic() - started < 2.0  # reply_pull's backoff: 0.02 + 0.04 + 0.08 s
