@@ -46,6 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import timeline
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
@@ -192,12 +194,13 @@ def simulation(app: Path, overrides: str, work: Path) -> list[dict]:
             subprocess.run(["pkill", "-KILL", "-g", pid], capture_output=True)
 
 
-def deployment(apps: list[Path], overrides: str, work: Path, isolation: str
-               ) -> dict[str, tuple[list[dict], dict]]:
-    """Each app's rows on 4 namespace hosts with ``isolation`` (``process``: pflower's worker),
-    and the worker's profile of its messages (deploy/worker.py logs each one's stages)."""
-    lab = work / f"lab-{isolation}"
-    netns = [PYTHON, str(ROOT / "deploy" / "netns.py"), "--dir", str(lab)]
+def deployment(apps: list[Path], overrides: str, work: Path, isolation: str, stack: Path = ROOT
+               ) -> dict[str, tuple[list[dict], dict, dict]]:
+    """Each app's rows on 4 namespace hosts with ``isolation`` (``process``: pflower's worker)
+    brought up by ``stack``'s deploy/netns.py, the worker's profile of its messages
+    (deploy/worker.py logs each one's stages) and the round's timeline (bench/timeline.py)."""
+    lab = work / f"lab-{isolation}-{stack.name}"
+    netns = [PYTHON, str(stack / "deploy" / "netns.py"), "--dir", str(lab)]
     subprocess.run([*netns, "up", "--nodes", "4", "--isolation", isolation], check=True, capture_output=True)
     env = {**os.environ, "FLWR_HOME": str(lab / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -208,7 +211,7 @@ def deployment(apps: list[Path], overrides: str, work: Path, isolation: str
             seen = [log.read_text(errors="replace") if log.exists() else "" for log in logs]
             rows = flwr(app, env, work / f"deploy-{isolation}-{app.name}", overrides, ["pflower-netns"])
             texts = [log.read_text(errors="replace")[len(old):] for log, old in zip(logs, seen, strict=True)]
-            out[app.name] = rows, worker_profile(texts)
+            out[app.name] = rows, worker_profile(texts), timeline.profile(texts, [r["seconds"] for r in rows])
         return out
     finally:
         subprocess.run([*netns, "down"], capture_output=True)
@@ -258,13 +261,15 @@ def report_rounds(rounds: int, sim: float, apps: list[Path], deployed: dict) -> 
     for isolation, by_app in deployed.items():
         for app in apps:
             name = "before" if app != ROOT else "after"
-            rows, profile = by_app[app.name]
+            rows, profile, times = by_app[app.name]
             dep = per_round(rows)
             print(f"  deployment, 4 namespace hosts, TLS + auth, --isolation {isolation} ({name}): "
                   f"{dep:.1f} = {dep / sim:.1f}x simulation")
             for kind, p in sorted(profile.items()):  # the worker's messages after warm-up
                 stages = "  ".join(f"{k} {p[k]:.2f}" for k in ("pull", "app", "push") if k in p)
                 print(f"    {kind:>9} x{p['n']}: {p['wall']:.2f} s wall, {p['cpu']:.2f} s CPU | {stages}")
+            if isolation == "process":
+                print(timeline.report(name, times))
 
 
 def main() -> None:
@@ -272,6 +277,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--before", help="git revision to compare against (e.g. the commit before)")
+    parser.add_argument("--before-deploy", action="store_true",
+                        help="--before's deployment too: REV's deploy/ scripts (SuperNode, worker), "
+                             "not only its app")
     parser.add_argument("--overrides", default="", help="Hydra overrides of the job (default job: '')")
     parser.add_argument("--skip-round", action="store_true", help="per-message stages only")
     parser.add_argument("--skip-stages", action="store_true", help="rounds only")
@@ -296,7 +304,12 @@ def main() -> None:
         if args.skip_round:
             return
         overrides = f"{args.overrides} num_rounds={args.rounds}".strip()
-        deployed = {iso: deployment(apps, overrides, work, iso) for iso in args.isolations.split(",")}
+        if args.before_deploy and args.before:  # each checkout on its own deploy/ scripts
+            deployed = {iso: {**deployment(apps[:1], overrides, work, iso, stack=apps[0]),
+                              **deployment(apps[1:], overrides, work, iso)}
+                        for iso in args.isolations.split(",")}
+        else:
+            deployed = {iso: deployment(apps, overrides, work, iso) for iso in args.isolations.split(",")}
         sim = per_round(simulation(ROOT, overrides, work))
         report_rounds(args.rounds, sim, apps, deployed)
     finally:

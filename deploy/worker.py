@@ -237,7 +237,9 @@ def serve(endpoint: Endpoint, secret: bytes | None) -> None:
     """Run ClientApp tasks until stopped; re-exec for another run or an abandoned task."""
     global _in_task
     from flwr.supercore import log
+    from flwr.supercore.logger import update_console_handler
 
+    update_console_handler(timestamps=True)  # as the SuperNode's lines (deploy/supernode.py)
     signal.signal(signal.SIGINT, _on_sigint)
     signal.signal(signal.SIGTERM, _on_sigterm)
     client = acquirer(endpoint, secret)
@@ -358,8 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     serve_p.add_argument("--secret-file", type=Path, help="the SuperNode's SuperExec secret")
     node_p = sub.choices["node"]
     node_p.add_argument("--flower-pull", action="store_true",
-                        help="keep Flower's 1-10 s backoff when the SuperNode pulls a message's "
-                             "objects (default: deploy/supernode.py's 0.1-1 s)")
+                        help="keep Flower's own waits in the SuperNode: 1-10 s backoff when it "
+                             "pulls a message's objects, 3 s between polls when idle, 0.5 s for "
+                             "the reply (default: deploy/supernode.py's shorter ones)")
     node_p.add_argument("supernode", nargs=argparse.REMAINDER,
                         help="-- flower-supernode ... --isolation process")
     args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ import ast
 import hashlib
 import inspect
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,21 @@ def test_node_runs_the_supernode_with_process_isolation(monkeypatch, argv, expec
     assert seen["cmd"] == expected
 
 
+def test_the_supernode_clock_backs_off_when_idle_and_waits_briefly_for_a_reply(monkeypatch):
+    from deploy import supernode
+
+    slept: list[float] = []
+    monkeypatch.setattr(supernode.time, "sleep", slept.append)
+    clock = supernode.Clock()
+    for _ in range(8):
+        clock.sleep(3)  # the loop found no message
+    clock.sleep(0.5)  # waiting for the ClientApp's reply
+    clock.message_came()
+    clock.sleep(3)
+    assert slept == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0, 0.02, 0.05]
+    assert clock.monotonic is time.monotonic  # the rest is the time module's
+
+
 def test_supernode_pulls_objects_with_a_short_backoff():
     import functools
 
@@ -113,14 +129,22 @@ def test_supernode_pulls_objects_with_a_short_backoff():
     assert start_client_internal.pull_objects is inflatable_utils.pull_objects
     assert "obj_contents = pull_objects(" in inspect.getsource(start_client_internal._pull_and_store_message)
     assert inspect.signature(inflatable_utils.pull_objects).parameters["initial_backoff"].default == 1
-    original = start_client_internal.pull_objects
+    # Its loop's waits: 3 s between polls when no message came, 0.5 s for the reply.
+    loop = inspect.getsource(start_client_internal.start_client_internal)
+    assert "time.sleep(3)" in loop and "run_id = _pull_and_store_message(" in loop
+    assert "time.sleep(0.5)" in inspect.getsource(start_client_internal._push_messages)
+    assert start_client_internal.time is time
+    original = start_client_internal.pull_objects, start_client_internal._pull_and_store_message
     try:
         supernode.patch()
         patched = start_client_internal.pull_objects
-        assert isinstance(patched, functools.partial) and patched.func is original
+        assert isinstance(patched, functools.partial) and patched.func is original[0]
         assert patched.keywords == {"initial_backoff": 0.1, "backoff_cap": 1.0}
+        assert isinstance(start_client_internal.time, supernode.Clock)
+        assert start_client_internal._pull_and_store_message.__wrapped__ is original[1]
     finally:
-        start_client_internal.pull_objects = original
+        start_client_internal.pull_objects, start_client_internal._pull_and_store_message = original
+        start_client_internal.time = time
     node = ["flower-supernode", "--insecure"]
     assert worker.supernode_process(node, flower_pull=True) == node
     assert worker.supernode_process(node, flower_pull=False)[1:] == [str(ROOT / "deploy" / "supernode.py"),
