@@ -1,0 +1,233 @@
+"""Every table and figure in README.md and docs/ that comes from a run: where it is, the
+commands that produce its data, and how its markdown is written from their outputs.
+
+Each entry's ``build`` calls the formatter the producing tool itself uses (pflower-sweep's
+``_write_tables``, ``bench/*.py``'s ``table`` functions, the search's ``ranking_table``), so
+a table in the docs can only have the columns the code writes today. ``empty`` is that
+formatter's header with no runs (what tests/test_doc_tables.py compares the docs against).
+
+Commands are written with ``{root}``, the folder their outputs go under (``sweeps`` unless
+``docs/regenerate.py --root`` says otherwise); the settings are the published ones, as the
+text beside each table states them.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import baselines, clustered_grid, prfl_attacks
+from task.run import launch, search, sweep
+
+Lines = list[str]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One generated table (or figure) of the docs."""
+
+    id: str
+    doc: str  # the markdown file holding it, relative to the repository
+    commands: tuple[str, ...]  # what produces its data, with {root} for the output folder
+    build: Callable[[Path, Path], Lines]  # (root, scratch folder) -> the table's lines / [image path]
+    empty: Callable[[Path], Lines] | None = None  # scratch -> the formatter's header rows, no runs
+    figure: bool = False
+    done: Callable[[Path], bool] | None = None  # outputs already there: the commands are skipped
+
+
+def table_lines(markdown: str) -> Lines:
+    """The first table of a markdown text (its lines that start with ``|``)."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+# --- pflower-sweep -------------------------------------------------------------------------
+
+def sweep_groups(overrides: str, out: Path) -> dict[str, list[Path]]:
+    """A sweep's job folders by row, as pflower-sweep names them for these overrides."""
+    groups: dict[str, list[Path]] = {}
+    for combo in sweep.expand(launch.split_arguments(shlex.split(overrides))):
+        groups.setdefault(sweep.group_key(combo), []).append((out / sweep.job_name(combo)).resolve())
+    return groups
+
+
+def sweep_dir(overrides: str, out: Path, *wanted: str) -> Path:
+    """The folder of the one job of a sweep whose overrides include every ``wanted`` one."""
+    combos = sweep.expand(launch.split_arguments(shlex.split(overrides)))
+    (combo,) = [c for c in combos if set(wanted) <= set(c)]
+    return (out / sweep.job_name(combo)).resolve()
+
+
+def sweep_empty(scratch: Path) -> Lines:
+    sweep._write_tables([], scratch)
+    return table_lines((scratch / "summary.md").read_text())
+
+
+def sweep_table(overrides: str, folder: str) -> Callable[[Path, Path], Lines]:
+    def build(root: Path, scratch: Path) -> Lines:
+        sweep.summarize(sweep_groups(overrides, root / folder), scratch)
+        return table_lines((scratch / "summary.md").read_text())
+    return build
+
+
+def sweep_figure(overrides: str, folder: str) -> Callable[[Path, Path], Lines]:
+    def build(root: Path, scratch: Path) -> Lines:
+        sweep.summarize(sweep_groups(overrides, root / folder), scratch)
+        return [str(scratch / "summary.png")]
+    return build
+
+
+DEFAULT = "strategy=lgmix,fedavg,fedbn seed=0,1,2 num_rounds=20"
+DEFAULT_COMMAND = f"pflower-sweep {DEFAULT} --out {{root}}/default"
+
+# --- bench/baselines.py --------------------------------------------------------------------
+
+BASELINE_COMMANDS = (
+    "python bench/baselines.py --methods fedper fedrep fedbabu lgfedavg apfl fedavg fedavg_ft local fedbn "
+    "ditto --rounds 20 --seeds 0 --extra eval_every=5 --set fedrep:strategy.head_epochs=5 "
+    "--out {root}/baselines/bl",
+    "python bench/baselines.py --methods fedrod fml --rounds 20 --seeds 0 --extra eval_every=5 "
+    "--out {root}/baselines/bl",
+    "python bench/baselines.py --methods cfl perfedavg pfedme --rounds 20 --seeds 0 --extra eval_every=5 "
+    "--out {root}/baselines/new",
+    "python bench/baselines.py --methods perfedavg --rounds 20 --seeds 0 --extra eval_every=5 "
+    "--set perfedavg:strategy.variant=hf --out {root}/baselines/hf",
+    "python bench/baselines.py --methods cfl --rounds 20 --seeds 0 "
+    "--extra 'eval_every=5 strategy.eps1=0.25 strategy.eps2=0.6' --out {root}/baselines/cfl",
+    "python bench/baselines.py --methods fedavg --rounds 20 --seeds 0 --extra eval_every=5 "
+    "--out {root}/baselines/fedavg",
+)
+# (row label, folder under {root}/baselines, method): docs/baselines.md's rows in its order
+BASELINE_ROWS = (
+    *((m, "bl", m) for m in ("fedavg", "fedavg_ft", "local", "fedbn", "ditto", "fedper", "fedrep",
+                             "fedbabu", "lgfedavg", "apfl", "fedrod", "fml")),
+    ("fedavg (rerun)", "fedavg", "fedavg"), ("pfedme", "new", "pfedme"),
+    ("perfedavg (FO)", "new", "perfedavg"), ("perfedavg (HF)", "hf", "perfedavg"),
+    ("cfl (eps 0.4 / 1.6)", "new", "cfl"), ("cfl (eps 0.25 / 0.6)", "cfl", "cfl"),
+)
+
+
+def baselines_build(root: Path, scratch: Path) -> Lines:
+    rows = []
+    for label, folder, method in BASELINE_ROWS:
+        runs = [r for r in baselines.read_runs(root / "baselines" / folder) if r["method"] == method]
+        rows.append((label, runs))
+    return baselines.table(rows)
+
+
+def baselines_done(root: Path) -> bool:
+    """Every row has its run (bench/baselines.py would refuse to write into a used folder)."""
+    return all(any(r["method"] == m for r in baselines.read_runs(root / "baselines" / f))
+               for _, f, m in BASELINE_ROWS)
+
+
+# --- bench/prfl_attacks.py and the clustered sweeps (docs/clustered.md) ----------------------
+
+ATTACKS = list(prfl_attacks.ATTACKS)
+PRFL = ("dataset=mnist5k partition=relabel partition.num_clients=40 partition.num_clusters=4 model=mlp "
+        "model.hidden=200 lr=0.02 momentum=0.9 batch_size=32 num_rounds=25 seed=0 attack.fraction=0.2")
+PRFL_FEDAVG = f"{PRFL} strategy=fedavg attack=none,gaussian,bitflip,signflip,labelflip,alie,ipm"
+PRFL_BASELINES = f"{PRFL} attack=none strategy=ifca,local"
+PRFL_PER_CLIENT = (f"{PRFL} strategy=clustered_per_client "
+                   "attack=none,signflip,alie,bitflip,gaussian,labelflip,ipm")
+# The 25-round table's `oracle` column was `--methods oracle` at d7dfe35, which is today's
+# oracle_tc (the page says so); today's `oracle` is the papers' plain per-cluster FedAvg.
+PRFL_COMMANDS = (
+    "python bench/prfl_attacks.py --methods clustered,oracle_tc --jobs 2 --out {root}/prfl_attacks",
+    f"pflower-sweep {PRFL_FEDAVG} --out {{root}}/prfl_fedavg",
+    f"pflower-sweep {PRFL_BASELINES} --out {{root}}/prfl_baselines",
+    f"pflower-sweep {PRFL_PER_CLIENT} --out {{root}}/prfl_per_client",
+)
+
+
+def prfl_columns(root: Path) -> dict[str, dict[str, Path]]:
+    """The 25-round table's columns: each attack's run folder."""
+    def sweep_runs(overrides: str, folder: str, strategy: str, attacks: list[str]) -> dict[str, Path]:
+        return {a: sweep_dir(overrides, root / folder, f"strategy={strategy}", f"attack={a}")
+                for a in attacks}
+    return {
+        "clustered (robust)": {a: root / "prfl_attacks" / f"clustered-{a}" for a in ATTACKS},
+        "oracle=tc (robust)": {a: root / "prfl_attacks" / f"oracle_tc-{a}" for a in ATTACKS},
+        "clustered_per_client (robust)": sweep_runs(PRFL_PER_CLIENT, "prfl_per_client",
+                                                    "clustered_per_client", ATTACKS),
+        "fedavg": sweep_runs(PRFL_FEDAVG, "prfl_fedavg", "fedavg", ATTACKS),
+        "ifca": sweep_runs(PRFL_BASELINES, "prfl_baselines", "ifca", ["none"]),
+        "local": sweep_runs(PRFL_BASELINES, "prfl_baselines", "local", ["none"]),
+    }
+
+
+def prfl_table(folder: str, methods: dict[str, str]) -> Callable[[Path, Path], Lines]:
+    """bench/prfl_attacks.py's table of one --out folder; ``methods``: column label -> method."""
+    def build(root: Path, scratch: Path) -> Lines:
+        return prfl_attacks.table_of({label: {a: root / folder / f"{m}-{a}" for a in ATTACKS}
+                                      for label, m in methods.items()}, ATTACKS)
+    return build
+
+
+def prfl_empty(labels: list[str]) -> Callable[[Path], Lines]:
+    return lambda scratch: prfl_attacks.table_of({label: {} for label in labels}, ATTACKS)[:2]
+
+
+SMALL = {m: m for m in ("clustered_paper", "clustered", "oracle", "oracle_tc", "ifca")}
+GRID = (["paper", "robust"], ["0.05", "0.02"], ["0", "0.9"], [0, 1, 2])
+
+# --- pflower-sweep --search (docs/search.md) -----------------------------------------------
+
+SEARCH = ("pflower-sweep --search {n} strategy=ditto 'strategy.lam=choice(0.1,1,10)' "
+          "'lr=tag(log,interval(0.01,0.2))' partition.val_fraction=0.2 num_rounds=5 --out {root}/search")
+
+
+def search_table(trials: int) -> Callable[[Path, Path], Lines]:
+    """search.md's table of the study's first ``trials`` trials (a study continued past them
+    still holds them, ranked among themselves as they were then)."""
+    def build(root: Path, scratch: Path) -> Lines:
+        import optuna
+
+        out = root / "search"
+        study = optuna.load_study(study_name=search.STUDY_NAME,
+                                  storage=f"sqlite:///{(out / search.STUDY_FILE).resolve()}")
+        return search.ranking_table([r for r in search.ranking_rows(study, out) if r["trial"] < trials])
+    return build
+
+
+def search_empty(scratch: Path) -> Lines:
+    fake = {"trial": 0, "state": "complete", "value": None, "test_at_best": None,
+            "strategy.lam": "", "lr": ""}  # the two searched keys of the page's command
+    return search.ranking_table([fake])[:2]
+
+
+ENTRIES = (
+    Entry("readme-default-federation", "README.md", (DEFAULT_COMMAND,),
+          sweep_table(DEFAULT, "default"), sweep_empty),
+    Entry("results-default-federation", "docs/results/default-federation.md", (DEFAULT_COMMAND,),
+          sweep_table(DEFAULT, "default"), sweep_empty),
+    Entry("readme-default-federation-figure", "README.md", (DEFAULT_COMMAND,),
+          sweep_figure(DEFAULT, "default"), figure=True),
+    Entry("baselines", "docs/baselines.md", BASELINE_COMMANDS, baselines_build,
+          lambda scratch: list(baselines.HEADER), done=baselines_done),
+    Entry("clustered-attacks", "docs/clustered.md", PRFL_COMMANDS,
+          lambda root, scratch: prfl_attacks.table_of(prfl_columns(root), ATTACKS),
+          lambda scratch: prfl_attacks.table_of({label: {} for label in prfl_columns(scratch)}, ATTACKS)[:2]),
+    Entry("clustered-iid", "docs/clustered.md",
+          ("python bench/prfl_attacks.py --partition iid --methods fedavg --rounds 10 "
+           "--out {root}/prfl_iid",),
+          prfl_table("prfl_iid", {"fedavg (mean), iid": "fedavg"}), prfl_empty(["fedavg (mean), iid"])),
+    Entry("clustered-small", "docs/clustered.md",
+          ("OMP_NUM_THREADS=1 python bench/prfl_attacks.py --methods "
+           "clustered_paper,clustered,oracle,oracle_tc,ifca --clients 20 --rounds 5 "
+           "--out {root}/prfl_attacks_small",),
+          prfl_table("prfl_attacks_small", SMALL), prfl_empty(list(SMALL))),
+    Entry("clustered-grid", "docs/clustered.md",
+          ("OMP_NUM_THREADS=1 python bench/clustered_grid.py --out {root}/clustered_grid --clients 20 "
+           "--rounds 5 --extra model.hidden=64",),
+          lambda root, scratch: clustered_grid.table(root / "clustered_grid", *GRID),
+          lambda scratch: clustered_grid.table(scratch / "none", *GRID)[:2]),
+    Entry("search-4", "docs/search.md", (SEARCH.replace("{n}", "4"),), search_table(4), search_empty),
+    Entry("search-6", "docs/search.md", (SEARCH.replace("{n}", "4"), SEARCH.replace("{n}", "6")),
+          search_table(6), search_empty),
+)
+BY_ID = {entry.id: entry for entry in ENTRIES}
