@@ -87,6 +87,13 @@ def rewrite(text: str, entry_id: str, new: list[str]) -> str:
     return out[:-1] if end == len(lines) and not text.endswith("\n") else out
 
 
+def has_numbers(table: list[str]) -> bool:
+    """Whether some row of a built table has a value (a table of blank or "(not run)" cells
+    means that the outputs were not where they were looked for)."""
+    blank = {"", "—", "(not run)"}
+    return any(set(c.strip() for c in row.strip("|").split("|")[1:]) - blank for row in table[2:])
+
+
 def commands(entry: Entry, root: Path) -> list[str]:
     return [c.replace("{root}", str(root)) for c in entry.commands]
 
@@ -115,10 +122,15 @@ def regenerate(entry: Entry, root: Path, run: bool = True, docs_root: Path = ROO
     if run and not (entry.done and entry.done(root)):
         for command in commands(entry, root):
             run_command(command)
+    if not root.is_dir():
+        raise SystemExit(f"regenerate: {root} does not exist: nothing to build {entry.id} from")
     doc = docs_root / entry.doc
     text = doc.read_text()
     with tempfile.TemporaryDirectory() as scratch:
         built = entry.build(root, Path(scratch))
+        if not built or not entry.figure and not has_numbers(built):
+            raise SystemExit(f"regenerate: no finished runs of {entry.id} under {root}; {entry.doc} "
+                             "left as it was")
         if entry.figure:
             (line,) = generated(text, entry.id)
             target = doc.parent / IMAGE_RE.match(line).group(1)

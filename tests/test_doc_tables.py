@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import baselines
+from docs import comparisons as cmp
 from docs import doc_tables, regenerate
 from docs.doc_tables import BY_ID, ENTRIES, Entry
 from task.run.sweep import _write_tables
@@ -160,3 +161,18 @@ def test_a_real_tiny_run_regenerates_a_table_and_a_figure_in_place(tmp_path):
     assert lines[:3] == page[:3] and lines[3 + len(got):] == page[3 + len(old):-1]
     regenerate.regenerate(figure, tmp_path / "runs", run=False, docs_root=tmp_path)  # from the outputs
     assert (tmp_path / "tiny.png").read_bytes()[:4] == b"\x89PNG"
+    # docs/comparisons.py's tables (FedCLUP's, PFML's) from the same runs, one row per group
+    rows = [cmp.Row(name, overrides, "tiny", f"strategy={s}")
+            for name, s in (("FedAvg", "fedavg"), ("Local", "local"))]
+    built = cmp.table(rows, cmp.fedclup_columns(0.1, "R^"), tmp_path / "runs", 0.1)
+    assert built[:2] == cmp.table([], cmp.fedclup_columns(0.1, "R^"), tmp_path, 0.1)
+    assert [line.split(" | ")[0] for line in built[2:]] == ["| FedAvg", "| Local"]
+    assert " | 1.0 | " in built[2] and built[3].endswith(" | 0.0 |")  # round 1 reached; Local sends nothing
+    assert cmp.figure(rows, tmp_path / "runs", tmp_path, 0.1) == [str(tmp_path / "tradeoff.png")]
+    before = (tmp_path / "page.md").read_text()
+    (tmp_path / "other").mkdir()
+    with pytest.raises(SystemExit, match="no finished runs"):  # outputs elsewhere: the page is kept
+        regenerate.regenerate(table, tmp_path / "other", run=False, docs_root=tmp_path)
+    with pytest.raises(SystemExit, match="does not exist"):
+        regenerate.regenerate(figure, tmp_path / "nowhere", run=False, docs_root=tmp_path)
+    assert (tmp_path / "page.md").read_text() == before
