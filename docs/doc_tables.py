@@ -13,6 +13,7 @@ text beside each table states them.
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,6 +208,32 @@ def search_empty(scratch: Path) -> Lines:
     return search.ranking_table([fake])[:2]
 
 
+# --- pflower-sim new_clients=0.2 (docs/new_clients.md) ----------------------------------------
+
+# (row label, folder under {root}/new_clients, the strategy's overrides); the page's runs had
+# the default output folder: output_dir only names one for each here.
+NEW_CLIENTS = (("fedavg", "fedavg", "strategy=fedavg"), ("ditto", "ditto", "strategy=ditto"),
+               ("ditto, `strategy.personal_init=received`", "ditto-received",
+                "strategy=ditto strategy.personal_init=received"), ("lgmix", "lgmix", "strategy=lgmix"))
+NEW_CLIENTS_HEADER = ("| strategy | training clients: personal acc (mean / worst) "
+                      "| new clients: acc (mean / worst) | new clients: global model |", "|---|---|---|---|")
+
+
+def new_clients_row(label: str, results: dict) -> str:
+    """One row from a run's results.json."""
+    def pair(acc: dict | None) -> str:
+        return "—" if acc is None else f"{acc['mean']:.4f} / {acc['worst']:.4f}"
+    glob = results.get("new_client_global_accuracy")
+    return (f"| {label} | {pair(results['final_accuracy'])} | {pair(results.get('new_client_accuracy'))} | "
+            f"{'—' if glob is None else f'{glob:.4f}'} |")
+
+
+def new_clients_build(root: Path, scratch: Path) -> Lines:
+    found = [(label, root / "new_clients" / folder / "results.json") for label, folder, _ in NEW_CLIENTS]
+    return [*NEW_CLIENTS_HEADER, *(new_clients_row(label, json.loads(path.read_text()))
+                                   for label, path in found if path.exists())]
+
+
 # --- several sweeps side by side with their trade-off figure (docs/fedclup.md, docs/pfml.md) ----
 
 def comparison(prefix: str, doc: str, rows: list[cmp.Row], columns: list[cmp.Column], target: float,
@@ -262,5 +289,11 @@ ENTRIES = (
     Entry("search-6", "docs/search.md", (SEARCH.replace("{n}", "4"), SEARCH.replace("{n}", "6")),
           search_table(6), search_empty),
     *FEDCLUP, *PFML,
+    Entry("new-clients", "docs/new_clients.md",
+          tuple(f"pflower-sim {o} new_clients=0.2 num_rounds=10 output_dir={{root}}/new_clients/{f}"
+                for _, f, o in NEW_CLIENTS), new_clients_build, lambda scratch: list(NEW_CLIENTS_HEADER),
+          # pflower-sim refuses a used folder: the runs are made once (remove them to rerun)
+          done=lambda root: all((root / "new_clients" / f / "results.json").exists()
+                                for _, f, _o in NEW_CLIENTS)),
 )
 BY_ID = {entry.id: entry for entry in ENTRIES}
