@@ -61,12 +61,11 @@ def main() -> int:
     parser.add_argument("--table", action="store_true", help="only print the table of <out>/runs.jsonl")
     args = parser.parse_args()
     log = args.out / "runs.jsonl"
-    print("| method | seeds | final personal acc (mean) | worst client | global acc | MB up+down | wall s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n".join(HEADER))
     if args.table:
-        done = [json.loads(line) for line in log.read_text().splitlines() if line]
+        done = read_runs(args.out)
         for name in dict.fromkeys(d["method"] for d in done):
-            row(name, [d for d in done if d["method"] == name])
+            print(row(name, [d for d in done if d["method"] == name]))
         return 0
     runner = InProcessRunner(args.out)
     own = dict(item.split(":", 1) for item in args.set)
@@ -79,15 +78,33 @@ def main() -> int:
                         **one_run(runner, f"{name}-seed{seed}", overrides, args.clients)})
             with log.open("a") as f:
                 f.write(json.dumps(got[-1]) + "\n")
-        row(name, got)
+        print(row(name, got), flush=True)
     return 0
 
 
-def row(name: str, got: list[dict]) -> None:
+# The table's header and separator (docs/regenerate.py writes docs/baselines.md's table with them).
+HEADER = ("| method | seeds | final personal acc (mean) | worst client | global acc | MB up+down | wall s |",
+          "|---|---|---|---|---|---|---|")
+
+
+def read_runs(out: Path) -> list[dict]:
+    """``<out>/runs.jsonl``'s runs, the last of each (method, seed) only: a method run again
+    into the same folder replaces its earlier numbers instead of counting as another seed."""
+    path = out / "runs.jsonl"
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return list({(r["method"], r["seed"]): r for r in runs}.values())
+
+
+def row(name: str, got: list[dict]) -> str:
     """One table line: ``got``'s runs of method ``name``, mean ± std over them."""
     cols = [cell([g[k] for g in got]) for k in ("mean", "worst", "global")]
-    print(f"| {name} | {len(got)} | {' | '.join(cols)} | {cell([g['mb'] for g in got], 1)} "
-          f"| {cell([g['s'] for g in got], 1)} |", flush=True)
+    return (f"| {name} | {len(got)} | {' | '.join(cols)} | {cell([g['mb'] for g in got], 1)} "
+            f"| {cell([g['s'] for g in got], 1)} |")
+
+
+def table(rows: list[tuple[str, list[dict]]]) -> list[str]:
+    """The markdown table: one line per (label, runs), in the given order."""
+    return [*HEADER, *(row(label, got) for label, got in rows)]
 
 
 if __name__ == "__main__":

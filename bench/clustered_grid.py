@@ -98,11 +98,15 @@ def main() -> None:
         print(f"{out.name}: {run_job(overrides, out, args.clients):.0f} s", flush=True)
     print(f"\n{BASE} partition.num_clients={args.clients} num_rounds={args.rounds} {args.extra}; "
           f"seeds {seeds}; mean over seeds\n")
-    print("| mode | lr | momentum | attack-free acc | signflip acc | change (points) | round-1 ARI "
-          "| final ARI |")
-    print("|---|---|---|---|---|---|---|---|")
-    for mode, lr, mom in itertools.product(modes, lrs, momenta):
-        print(summary(args.out, mode, lr, mom, seeds))
+    print("\n".join(table(args.out, modes, lrs, momenta, seeds)))
+
+
+def table(root: Path, modes: list[str], lrs: list[str], momenta: list[str], seeds: list[int]) -> list[str]:
+    """The markdown table's lines: one row per (mode, lr, momentum), from the jobs under ``root``."""
+    header = ["| mode | lr | momentum | attack-free acc | signflip acc | change (points) | round-1 ARI "
+              "| final ARI |", "|---|---|---|---|---|---|---|---|"]
+    return header + [summary(root, mode, lr, mom, seeds)
+                     for mode, lr, mom in itertools.product(modes, lrs, momenta)]
 
 
 if __name__ == "__main__":

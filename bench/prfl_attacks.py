@@ -82,12 +82,20 @@ def cell(row: dict | None, free: dict | None) -> str:
 def table(out: Path, methods: list[str], attacks: list[str]) -> str:
     """Markdown: a row per attack, a column per method; in brackets the change in points
     against the method's attack-free run."""
-    rows = {(m, a): final_row(out / f"{m}-{a}") for m in methods for a in attacks}
-    lines = ["| attack | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    return "\n".join(table_of({m: {a: out / f"{m}-{a}" for a in attacks} for m in methods}, attacks))
+
+
+def table_of(columns: dict[str, dict[str, Path]], attacks: list[str]) -> list[str]:
+    """The table's lines from run folders: ``columns[label][attack]`` is the folder of that
+    column's run under that attack (any run folder: this script's or a pflower-sweep job's);
+    a missing or unfinished run leaves its cell empty."""
+    rows = {(label, a): final_row(runs[a]) if a in runs else None
+            for label, runs in columns.items() for a in attacks}
+    lines = ["| attack | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for a in attacks:
-        cells = [cell(rows[m, a], rows.get((m, "none"))) for m in methods]
+        cells = [cell(rows[label, a], rows.get((label, "none"))) for label in columns]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:

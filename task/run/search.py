@@ -264,6 +264,21 @@ def _finished(study: Any) -> int:
 
 def write_ranking(study: Any, out: Path) -> list[dict]:
     """search.md / search.csv: the trials by value (best validation accuracy), best first."""
+    rows = ranking_rows(study, out)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / "search.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [*ranking_table(rows), "", "Ranked by each trial's best round by mean validation accuracy (mean "
+             "over its seeds); the test accuracy of that round is reported, never used to rank."]
+    (out / "search.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def ranking_rows(study: Any, out: Path) -> list[dict]:
+    """One dict per finished trial (its number, state, value, test accuracy at its best rounds
+    and its parameters), best first."""
     rows = []
     for t in finished_trials(study):
         dirs = [out / name for name in t.user_attrs.get("runs", [])]
@@ -271,11 +286,12 @@ def write_ranking(study: Any, out: Path) -> list[dict]:
                      "test_at_best": _test_at_best(dirs) if t.value is not None else None,
                      **{k: format_value(v) for k, v in t.params.items()}})
     rows.sort(key=lambda r: (r["value"] is None, -(r["value"] or 0.0), r["trial"]))
+    return rows
+
+
+def ranking_table(rows: list[dict]) -> list[str]:
+    """search.md's table: ``rows`` (``ranking_rows``'s, best first) ranked 1, 2, ..."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with (out / "search.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
     params = [k for k in keys if k not in ("trial", "state", "value", "test_at_best")]
     lines = ["| rank | trial | " + " | ".join(params) + " | best-round val acc | its test acc |",
              "|---" * (len(params) + 4) + "|"]
@@ -284,10 +300,7 @@ def write_ranking(study: Any, out: Path) -> list[dict]:
         test = "—" if r["test_at_best"] is None else f"{r['test_at_best']:.4f}"
         lines.append(f"| {rank} | {r['trial']} | " + " | ".join(str(r.get(k, "")) for k in params)
                      + f" | {value} | {test} |")
-    lines += ["", "Ranked by each trial's best round by mean validation accuracy (mean over its seeds); "
-              "the test accuracy of that round is reported, never used to rank."]
-    (out / "search.md").write_text("\n".join(lines) + "\n")
-    return rows
+    return lines
 
 
 def _test_at_best(dirs: list[Path]) -> float | None:
