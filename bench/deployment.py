@@ -194,14 +194,16 @@ def simulation(app: Path, overrides: str, work: Path) -> list[dict]:
             subprocess.run(["pkill", "-KILL", "-g", pid], capture_output=True)
 
 
-def deployment(apps: list[Path], overrides: str, work: Path, isolation: str, stack: Path = ROOT
-               ) -> dict[str, tuple[list[dict], dict, dict]]:
+def deployment(apps: list[Path], overrides: str, work: Path, isolation: str, stack: Path = ROOT,
+               db: str = "file") -> dict[str, tuple[list[dict], dict, dict]]:
     """Each app's rows on 4 namespace hosts with ``isolation`` (``process``: pflower's worker)
     brought up by ``stack``'s deploy/netns.py, the worker's profile of its messages
     (deploy/worker.py logs each one's stages) and the round's timeline (bench/timeline.py)."""
-    lab = work / f"lab-{isolation}-{stack.name}"
+    lab = work / f"lab-{isolation}-{stack.name}-{db}"
     netns = [PYTHON, str(stack / "deploy" / "netns.py"), "--dir", str(lab)]
-    subprocess.run([*netns, "up", "--nodes", "4", "--isolation", isolation], check=True, capture_output=True)
+    in_memory = ["--superlink-db", "memory"] if db == "memory" else []  # a flag older stacks lack
+    subprocess.run([*netns, "up", "--nodes", "4", "--isolation", isolation, *in_memory], check=True,
+                   capture_output=True)
     env = {**os.environ, "FLWR_HOME": str(lab / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
@@ -259,7 +261,7 @@ def report_rounds(rounds: int, sim: float, apps: list[Path], deployed: dict) -> 
     print(f"default job, {rounds} rounds, s/round (median past round 1):")
     print(f"  simulation, 4 SuperNodes: {sim:.1f}")
     for isolation, by_app in deployed.items():
-        for app in apps:
+        for app in [a for a in apps if a.name in by_app]:
             name = "before" if app != ROOT else "after"
             rows, profile, times = by_app[app.name]
             dep = per_round(rows)
@@ -268,7 +270,7 @@ def report_rounds(rounds: int, sim: float, apps: list[Path], deployed: dict) -> 
             for kind, p in sorted(profile.items()):  # the worker's messages after warm-up
                 stages = "  ".join(f"{k} {p[k]:.2f}" for k in ("pull", "app", "push") if k in p)
                 print(f"    {kind:>9} x{p['n']}: {p['wall']:.2f} s wall, {p['cpu']:.2f} s CPU | {stages}")
-            if isolation == "process":
+            if isolation.startswith("process"):
                 print(timeline.report(name, times))
 
 
@@ -280,6 +282,9 @@ def main() -> None:
     parser.add_argument("--before-deploy", action="store_true",
                         help="--before's deployment too: REV's deploy/ scripts (SuperNode, worker), "
                              "not only its app")
+    parser.add_argument("--superlink-memory", action="store_true",
+                        help="also the current checkout with the SuperLink's state in memory "
+                             "(netns.py up --superlink-db memory)")
     parser.add_argument("--overrides", default="", help="Hydra overrides of the job (default job: '')")
     parser.add_argument("--skip-round", action="store_true", help="per-message stages only")
     parser.add_argument("--skip-stages", action="store_true", help="rounds only")
@@ -304,12 +309,16 @@ def main() -> None:
         if args.skip_round:
             return
         overrides = f"{args.overrides} num_rounds={args.rounds}".strip()
-        if args.before_deploy and args.before:  # each checkout on its own deploy/ scripts
-            deployed = {iso: {**deployment(apps[:1], overrides, work, iso, stack=apps[0]),
-                              **deployment(apps[1:], overrides, work, iso)}
-                        for iso in args.isolations.split(",")}
-        else:
-            deployed = {iso: deployment(apps, overrides, work, iso) for iso in args.isolations.split(",")}
+        deployed = {}
+        for iso in args.isolations.split(","):
+            if args.before_deploy and args.before:  # each checkout on its own deploy/ scripts
+                deployed[iso] = {**deployment(apps[:1], overrides, work, iso, stack=apps[0]),
+                                 **deployment(apps[1:], overrides, work, iso)}
+            else:
+                deployed[iso] = deployment(apps, overrides, work, iso)
+            if args.superlink_memory:
+                deployed[f"{iso}, SuperLink in memory"] = deployment(apps[-1:], overrides, work, iso,
+                                                                     db="memory")
         sim = per_round(simulation(ROOT, overrides, work))
         report_rounds(args.rounds, sim, apps, deployed)
     finally:

@@ -6,9 +6,11 @@ handles one message at a time, so its log is a sequence of messages, each
     Receiving: <type> message      the SuperNode has the message (its header) from the SuperLink
     Received successfully          ... and its objects (the arrays)               -> objects
     pflower worker: running ...    the worker has claimed the task and its input  -> handoff
-    pflower worker: done in ...    the ClientApp ran (app) and handed back its reply
-    Sending: <type> message        the SuperNode has noticed the reply             -> reply
-    Sent successfully              ... and uploaded it to the SuperLink            -> upload
+    pflower worker: done in ...    the ClientApp ran (app) and its reply went to the SuperNode
+                                   (push: the worker's own figure; logged once the task's
+                                   output is pushed too, so often after the next line)
+    Sending: <type> message        the SuperNode has the reply
+    Sent successfully              ... and has uploaded it to the SuperLink        -> upload
 
 A phase (the k-th message of one type at every node) lasts from the first node's
 ``Receiving`` to the last node's ``Sent``; ``skew`` is how much later than the first the last
@@ -30,7 +32,7 @@ RECEIVING = re.compile(r"Receiving: (\S+) message")
 RUNNING = re.compile(r"pflower worker: running (\S+) message")
 DONE = re.compile(r"pflower worker: done in ([\d.]+) s \(([\d.]+) s CPU\): (.*)")
 SENDING = re.compile(r"Sending: (\S+) message")
-STAGES = ("objects", "handoff", "app", "reply", "upload")
+STAGES = ("objects", "handoff", "app", "push", "upload")
 
 
 @dataclass
@@ -39,13 +41,13 @@ class Handled:
 
     kind: str
     at: dict[str, float] = field(default_factory=dict)
-    app: float = 0.0
+    worker: dict[str, float] = field(default_factory=dict)  # the worker's pull, app, push
 
     def stages(self) -> dict[str, float]:
         at = self.at
-        return {"objects": at["got"] - at["recv"], "handoff": at["run"] - at["got"], "app": self.app,
-                "reply": at["send"] - at["done"], "upload": at["sent"] - at["send"],
-                "node": at["sent"] - at["recv"]}
+        return {"objects": at["got"] - at["recv"], "handoff": at["run"] - at["got"],
+                "app": self.worker.get("app", 0.0), "push": self.worker.get("push", 0.0),
+                "upload": at["sent"] - at["send"], "node": at["sent"] - at["recv"]}
 
 
 def stamp(line: str) -> float | None:
@@ -54,29 +56,33 @@ def stamp(line: str) -> float | None:
 
 
 def messages(log: str) -> list[Handled]:
-    """The complete messages in one SuperNode's log, in order (queries left out)."""
+    """The complete messages in one SuperNode's log, in order (queries left out). The worker's
+    "done" line may come after the SuperNode's "Sent" (even after the next "Receiving"): it
+    belongs to the message the worker ran last."""
     done: list[Handled] = []
     current: Handled | None = None
+    ran: Handled | None = None  # the message the worker said it runs, last
     for line in log.splitlines():
         t = stamp(line)
         if t is None:
             continue
         if m := RECEIVING.search(line):
             current = Handled(m.group(1), {"recv": t})
+        elif m := DONE.search(line):
+            if ran is not None and "done" not in ran.at:
+                ran.at["done"] = t
+                ran.worker = {k: float(v) for k, v in (p.split(" ")[:2] for p in m.group(3).split(", "))}
         elif current is None:
             continue
         elif "Received successfully" in line:
             current.at["got"] = t
         elif RUNNING.search(line):
-            current.at["run"] = t
-        elif m := DONE.search(line):
-            current.at["done"] = t
-            current.app = float(dict(p.split(" ")[:2] for p in m.group(3).split(", ")).get("app", 0))
+            current.at["run"], ran = t, current
         elif SENDING.search(line):
             current.at["send"] = t
         elif "Sent successfully" in line:
             current.at["sent"] = t
-            if current.kind != "query" and len(current.at) == 6:
+            if current.kind != "query" and {"got", "run", "send"} <= set(current.at):
                 done.append(current)
             current = None
     return done

@@ -55,6 +55,7 @@ CONNECTION = "pflower-netns"
 DEFAULT_DIR = Path("/tmp/pflower-netns")
 ISOLATIONS = ("process", "subprocess")  # pflower's worker (the default) / Flower's default
 WORKER = Path(__file__).resolve().with_name("worker.py")
+IN_MEMORY_DB = ":flwr-in-memory:"  # flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr of this environment
 
 
@@ -127,6 +128,7 @@ class Deployment:
     tls: bool
     auth: bool
     isolation: str = "process"
+    superlink_db: str = "file"  # "memory": Flower's in-memory state (faster, gone when it stops)
     pids: dict[str, int] = field(default_factory=dict)
     node_ids: dict[str, int] = field(default_factory=dict)
 
@@ -234,7 +236,8 @@ def listening(address: str) -> bool:
 def start_superlink(dep: Deployment) -> None:
     db = dep.root / "superlink" / "superlink.db"
     db.parent.mkdir(parents=True, exist_ok=True)
-    start(dep, "link", "superlink", superlink_command(dep.security, str(db)),
+    database = IN_MEMORY_DB if dep.superlink_db == "memory" else str(db)
+    start(dep, "link", "superlink", superlink_command(dep.security, database),
           dep.root / "superlink" / "superlink.log")
     wait_for(lambda: listening(link_address()), 60, "the SuperLink is not listening")
 
@@ -329,8 +332,8 @@ def guest(dep: Deployment, key: Path | None, tls: bool, timeout: float = 60) -> 
     return {"exit_code": code, "received": log.read_text().count("Receiving:"), "log": str(log)}
 
 
-def up(root: Path, nodes: int, tls: bool = True, auth: bool = True, isolation: str = "process"
-       ) -> Deployment:
+def up(root: Path, nodes: int, tls: bool = True, auth: bool = True, isolation: str = "process",
+       superlink_db: str = "file") -> Deployment:
     """Namespaces, certificates and keys, SuperLink, registrations, SuperNodes."""
     if os.path.lexists(root / "deployment.json") or our_namespaces() or our_links():
         raise SystemExit(f"a deployment is up ({root} or namespaces {PREFIX}-*): run `down` first")
@@ -338,7 +341,7 @@ def up(root: Path, nodes: int, tls: bool = True, auth: bool = True, isolation: s
         pki.private_dir(root)  # keys and the SuperLink's database: not where others could plant files
     except PermissionError as err:
         raise SystemExit(f"deployment directory refused: {err}") from None
-    dep = Deployment(str(root.resolve()), nodes, tls, auth, isolation)
+    dep = Deployment(str(root.resolve()), nodes, tls, auth, isolation, superlink_db)
     dep.save()
     if tls or auth:
         pki.make_all(root / "pki", [host_ip("link"), "superlink", "localhost", "127.0.0.1"], nodes)
@@ -399,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     p_up.add_argument("--isolation", choices=ISOLATIONS, default="process",
                       help="process: one long-lived ClientApp worker per SuperNode (default); "
                            "subprocess: Flower's fresh flwr-clientapp process per message")
+    p_up.add_argument("--superlink-db", choices=("file", "memory"), default="file",
+                      help="file: the SuperLink's state in <dir>/superlink/superlink.db (default); "
+                           "memory: Flower's in-memory state, no SQL per request (docs/deployment.md)")
     sub.add_parser("down", help="remove every process, namespace, link and file `up` made")
     sub.add_parser("status", help="processes and the SuperLink's SuperNodes")
     for name in ("stop-node", "start-node"):
@@ -443,7 +449,7 @@ def run_command(args: argparse.Namespace) -> None:
         compose.register_all(args.nodes, args.pki, args.superlink)
     elif args.command == "up":
         dep = up(args.dir, args.nodes, tls=not args.insecure, auth=not args.no_auth,
-                 isolation=args.isolation)
+                 isolation=args.isolation, superlink_db=args.superlink_db)
         print(f"SuperLink {link_address()}, {dep.nodes} SuperNodes; submit with\n"
               f"  FLWR_HOME={dep.root / 'flwr'} flwr run . {CONNECTION} --stream --run-config "
               f"'overrides=\"...\"'\nlogs in {dep.root}; stop with: {shlex.join(sys.argv[:1])} down")

@@ -42,8 +42,16 @@ def test_each_message_is_split_into_its_stages():
     got = timeline.messages(node_log(0, objects=0.5, app=2.0))
     assert [m.kind for m in got] == ["train", "train"]  # the query is left out
     stages = got[1].stages()
-    assert stages == pytest.approx({"objects": 0.5, "handoff": 0.1, "app": 2.0, "reply": 0.2,
+    assert stages == pytest.approx({"objects": 0.5, "handoff": 0.1, "app": 2.0, "push": 0.05,
                                     "upload": 0.3, "node": 3.1}, abs=2e-3)
+
+
+def test_the_workers_line_may_come_after_the_supernodes_sent():
+    lines = node_log(0, objects=0.5, app=2.0).splitlines()
+    done = next(i for i, line in enumerate(lines) if "done in" in line)
+    lines.insert(done + 2, lines.pop(done))  # after "Sending" and "Sent successfully"
+    got = timeline.messages("\n".join(lines))
+    assert len(got) == 2 and got[0].stages()["app"] == 2.0
 
 
 def test_a_round_is_its_phases_and_the_servers_rest():

@@ -86,3 +86,19 @@ def test_up_refuses_a_deployment_directory_that_is_a_symlink(tmp_path: Path, mon
     with pytest.raises(SystemExit, match="deployment directory refused"):
         netns.up(tmp_path / "lab", nodes=1)
     assert list(real.iterdir()) == []
+
+
+@pytest.mark.parametrize("db", ["file", "memory"])
+def test_the_superlink_keeps_its_state_where_up_was_told(tmp_path: Path, monkeypatch, db: str):
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+
+    started = {}
+    monkeypatch.setattr(netns, "start", lambda dep, host, name, command, log: started.update(cmd=command))
+    monkeypatch.setattr(netns, "wait_for", lambda *args: None)
+    dep = netns.Deployment(str(tmp_path), 2, tls=False, auth=False, superlink_db=db)
+    netns.start_superlink(dep)
+    database = started["cmd"][started["cmd"].index("--database") + 1]
+    on_disk = str(tmp_path / "superlink" / "superlink.db")
+    assert database == (FLWR_IN_MEMORY_DB_NAME if db == "memory" else on_disk)
+    dep.save()
+    assert netns.Deployment.load(tmp_path).superlink_db == db
