@@ -211,7 +211,7 @@ def deployment(apps: list[Path], overrides: str, work: Path, isolation: str, sta
         for app in apps:
             logs = [(lab / f"node-{n}" / "supernode.log") for n in range(4)]
             seen = [log.read_text(errors="replace") if log.exists() else "" for log in logs]
-            rows = flwr(app, env, work / f"deploy-{isolation}-{app.name}", overrides, ["pflower-netns"])
+            rows = flwr(app, env, work / f"deploy-{isolation}-{db}-{app.name}", overrides, ["pflower-netns"])
             texts = [log.read_text(errors="replace")[len(old):] for log, old in zip(logs, seen, strict=True)]
             out[app.name] = rows, worker_profile(texts), timeline.profile(texts, [r["seconds"] for r in rows])
         return out
