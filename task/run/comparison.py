@@ -160,17 +160,22 @@ def plan(comparison: Comparison, user: list[str], out: Path, methods: list[str] 
 
     rows = [r for r in comparison.rows if selected(r, methods)]
     extra = comparison.stand_in if stand_in else []
+    combos = expand(user) if user else [[]]
+    common = set.intersection(*(set(c) for c in combos))
     jobs = []
     for row in rows:
-        for combo in expand(user) if user else [[]]:
-            rest = group_key(combo)
-            label = row.label if rest == "default" else f"{row.label} {rest}"
+        for combo in combos:
+            # A row's label names only what the command line sweeps (seeds aside): an override
+            # given once applies to every row and is said once, above the table.
+            swept = group_key([o for o in combo if o not in common])
+            label = row.label if swept == "default" else f"{row.label} {swept}"
             jobs.append(Job(label, (out / row.label / job_name(combo)).resolve(),
                             row_overrides(row) + extra + combo))
     return jobs
 
 
-def table(comparison: Comparison, rows: list[dict], stand_in: bool, skipped: list[str]) -> str:
+def table(comparison: Comparison, rows: list[dict], stand_in: bool, skipped: list[str],
+          user: list[str] | None = None) -> str:
     """summary.md for a comparison: the sweep's columns with the paper's figure beside each row,
     then the rows not run and why."""
     from task.run.sweep import _fmt
@@ -179,7 +184,7 @@ def table(comparison: Comparison, rows: list[dict], stand_in: bool, skipped: lis
     lines = [f"# {comparison.title}", "",
              f"Preset `+experiment={comparison.experiment}`" + (
                  f", on the offline stand-in ({' '.join(comparison.stand_in)}): {comparison.stand_in_note}"
-                 if stand_in else "") + ".", "",
+                 if stand_in else "") + "." + (f" On every row: `{' '.join(user)}`." if user else ""), "",
              "| method | paper | seeds | final personal acc (mean) | worst client | "
              "best-by-validation round: val acc | its test acc | global acc | MB up+down | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -235,7 +240,7 @@ def main(name: str, user: list[str], out: Path, methods: list[str] | None, stand
             return 130
     rows = sweep.summarize(groups, out)
     skipped = [r.label for r in comparison.rows if not selected(r, methods)]
-    (out / "summary.md").write_text(table(comparison, rows, stand_in, skipped))
+    (out / "summary.md").write_text(table(comparison, rows, stand_in, skipped, user))
     print((out / "summary.md").read_text())
     if failed:
         print(f"pflower-sweep: {len(failed)} of {len(jobs)} jobs failed: {', '.join(failed)} (left out of "
