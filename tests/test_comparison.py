@@ -60,3 +60,19 @@ def test_an_unknown_comparison_exits_2_naming_the_valid_ones(tmp_path, capsys):
     assert main(["--comparison", "pfml_mnist", "--methods", "scaffold", "--out", str(tmp_path)],
                 run_job=lambda a: pytest.fail("ran")) == 2
     assert "--methods scaffold: not rows of comparison pfml_mnist" in capsys.readouterr().err
+
+
+FAMILIES = ["global", "local (lower bound)", "fine-tuning", "partial sharing", "regularized", "interpolation",
+            "meta-learning", "clustering", "mutual learning", "low-rank + sparse"]
+
+
+def test_the_readme_methods_table_lists_every_method_grouped_by_family():
+    from pathlib import Path
+
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = lines.index("| family | name | client | personal model | module |") + 2
+    rows = [line.split("|") for line in lines[start:] if line.startswith("|")]
+    rows = rows[:next((i for i, r in enumerate(rows) if len(r) != 7), len(rows))]
+    families = [r[1].strip() for r in rows]
+    assert families == sorted(families, key=FAMILIES.index)  # each family one block, in this order
+    assert {r[2].strip().split("`")[1] for r in rows} == set(strategies.REGISTRY)
