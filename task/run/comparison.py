@@ -195,9 +195,9 @@ def table(comparison: Comparison, rows: list[dict], stand_in: bool, skipped: lis
         cells += [_fmt(r[k], r[f"{k}_std"], 1) for k in ("mbytes_total", "wall_seconds")]
         lines.append(f"| {r['run']} | {'—' if paper is None else f'{paper:g}'} | {r['seeds']} | "
                      + " | ".join(cells) + " |")
-    lines += ["", f"paper: {comparison.paper_metric or 'the paper figure ALGORITHMS.md gives'} "
-              "(— where none is given). pflower's accuracies are fractions; cells as in a sweep: mean ± "
-              "sample std over seeds."]
+    lines += ["", f"paper: {comparison.paper_metric or 'the figure ALGORITHMS.md quotes'} (— for a row "
+              "without one). pflower's accuracies are fractions; cells as in a sweep: mean ± sample std over "
+              "seeds."]
     if comparison.missing:
         lines += ["", "Reported by the paper, not run (pflower lacks them):"]
         lines += [f"- {m['method']}: {m['reason']}" for m in comparison.missing]
