@@ -184,7 +184,7 @@ def table(comparison: Comparison, rows: list[dict], stand_in: bool, skipped: lis
     lines = [f"# {comparison.title}", "",
              f"Preset `+experiment={comparison.experiment}`" + (
                  f", on the offline stand-in ({' '.join(comparison.stand_in)}): {comparison.stand_in_note}"
-                 if stand_in else "") + "." + (f" On every row: `{' '.join(user)}`." if user else ""), "",
+                 if stand_in else "") + "." + (f" Command line: `{' '.join(user)}`." if user else ""), "",
              "| method | paper | seeds | final personal acc (mean) | worst client | "
              "best-by-validation round: val acc | its test acc | global acc | MB up+down | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
