@@ -19,6 +19,10 @@ exit 1; Ctrl-C stops the running job (and the sweep) with exit 130.
 syntax (``lr=tag(log,interval(0.005,0.2))``, ``strategy.lam=choice(0.1,1,10)``), N trials
 ranked by best-round validation accuracy, the study kept in ``--out`` and resumed by running
 the same command again (task/run/search.py, docs/search.md).
+
+``--comparison NAME`` runs a seed paper's comparison table instead: the rows of
+conf/comparison/NAME.yaml on its preset, the paper's figures beside pflower's
+(task/run/comparison.py, docs/baselines.md).
 """
 
 from __future__ import annotations
