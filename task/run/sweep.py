@@ -19,6 +19,10 @@ exit 1; Ctrl-C stops the running job (and the sweep) with exit 130.
 syntax (``lr=tag(log,interval(0.005,0.2))``, ``strategy.lam=choice(0.1,1,10)``), N trials
 ranked by best-round validation accuracy, the study kept in ``--out`` and resumed by running
 the same command again (task/run/search.py, docs/search.md).
+
+``--comparison NAME`` runs a seed paper's comparison table instead: the rows of
+conf/comparison/NAME.yaml on its preset, the paper's figures beside pflower's
+(task/run/comparison.py, docs/baselines.md).
 """
 
 from __future__ import annotations
@@ -101,30 +105,38 @@ def run_jobs(combos: list[list[str]], out: Path, run_job: Callable[[list[str]], 
              ) -> tuple[dict[str, list[Path]], list[str]]:
     """Run every job not completed yet with ``run_job`` (default: ``pflower-sim``'s main, looked
     up at the call); the jobs by row, and the names of the failed ones."""
-    run_job = run_job or launch.main
     groups: dict[str, list[Path]] = {}
     failed = []
     for i, combo in enumerate(combos, 1):
         job_dir = (out / job_name(combo)).resolve()
         groups.setdefault(group_key(combo), []).append(job_dir)
-        if completed(job_dir):
-            print(f"[{i}/{len(combos)}] {job_dir.name}: done already", flush=True)
-            continue
-        arguments = job_arguments(combo, job_dir)
-        resumed = " (resumed)" if arguments[-1].startswith("resume=") else ""
-        print(f"[{i}/{len(combos)}] {job_dir.name}{resumed}", flush=True)
-        code = run_job(arguments)
-        if code in (130, 143):  # Ctrl-C / SIGTERM stopped the job: stop the sweep too
-            raise KeyboardInterrupt
-        if code != 0 or not completed(job_dir):
+        if not run_one(combo, job_dir, f"[{i}/{len(combos)}]", run_job):
             failed.append(job_dir.name)
-            # A job refused at pflower-sim's door (exit 2) never got a folder: point at the
-            # message above, not at files that do not exist.
-            where = (f"see {job_dir / 'status.json'} and {job_dir / 'flower.log'}" if read_status(job_dir)
-                     else "it never started, so it has no folder; its message is above")
-            print(f"pflower-sweep: job {job_dir.name} failed (exit {code}): {where}", file=sys.stderr,
-                  flush=True)
     return groups, failed
+
+
+def run_one(combo: list[str], job_dir: Path, counter: str, run_job: Callable[[list[str]], int] | None = None
+            ) -> bool:
+    """Run one job into ``job_dir`` unless it completed already; whether it completed."""
+    run_job = run_job or launch.main
+    if completed(job_dir):
+        print(f"{counter} {job_dir.name}: done already", flush=True)
+        return True
+    arguments = job_arguments(combo, job_dir)
+    resumed = " (resumed)" if arguments[-1].startswith("resume=") else ""
+    print(f"{counter} {job_dir.name}{resumed}", flush=True)
+    code = run_job(arguments)
+    if code in (130, 143):  # Ctrl-C / SIGTERM stopped the job: stop the sweep too
+        raise KeyboardInterrupt
+    if code != 0 or not completed(job_dir):
+        # A job refused at pflower-sim's door (exit 2) never got a folder: point at the
+        # message above, not at files that do not exist.
+        where = (f"see {job_dir / 'status.json'} and {job_dir / 'flower.log'}" if read_status(job_dir)
+                 else "it never started, so it has no folder; its message is above")
+        print(f"pflower-sweep: job {job_dir.name} failed (exit {code}): {where}", file=sys.stderr,
+              flush=True)
+        return False
+    return True
 
 
 def summarize(groups: dict[str, list[Path]], out: Path) -> list[dict]:
@@ -228,7 +240,7 @@ def summary_figure(rows: list[dict]):
 def main(argv: list[str] | None = None, run_job: Callable[[list[str]], int] | None = None) -> int:
     """The command; ``run_job`` runs one job from ``pflower-sim``'s arguments (its exit status)."""
     parser = argparse.ArgumentParser(prog="pflower-sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="+", help="Hydra overrides; comma-separated values are swept")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides; comma-separated values are swept")
     parser.add_argument("--out", type=Path, required=True, help="directory for the jobs and the summary")
     parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary")
     parser.add_argument("--target", type=float, default=None,
@@ -237,7 +249,21 @@ def main(argv: list[str] | None = None, run_job: Callable[[list[str]], int] | No
     parser.add_argument("--search", type=int, default=None, metavar="N",
                         help="search instead: N Optuna trials over interval(a,b), tag(log,interval(a,b)), "
                              "range(a,b), choice(x,y); ranked by best-round validation accuracy")
+    parser.add_argument("--comparison", metavar="NAME",
+                        help="run a seed paper's comparison table (conf/comparison/NAME.yaml): every row "
+                             "it reports, on its preset; the overrides apply to every row")
+    parser.add_argument("--methods", help="with --comparison: only these rows (comma-separated)")
+    parser.add_argument("--stand-in", action="store_true",
+                        help="with --comparison: the offline data its file names instead of the paper's")
     args = parser.parse_args(argv)
+    if args.comparison is not None:
+        from task.run import comparison
+
+        methods = args.methods.split(",") if args.methods else None
+        return comparison.main(args.comparison, launch.split_arguments(args.overrides), args.out, methods,
+                               args.stand_in, args.summarize_only, run_job)
+    if not args.overrides:
+        parser.error("give the overrides to sweep (or --comparison NAME)")
     if args.search is not None:
         from task.run import search
 

@@ -1,0 +1,78 @@
+"""The seed papers' comparison files (conf/comparison/) and `pflower-sweep --comparison`'s refusals
+(no job runs here; tests/e2e/test_comparison_e2e.py runs one for real)."""
+
+from __future__ import annotations
+
+import pytest
+
+import strategies
+from task.run import comparison
+from task.run.config import ConfigError
+from task.run.schema import STRATEGY_SCHEMAS
+from task.run.sweep import main
+
+NAMES = comparison.available()
+
+
+def test_every_seed_paper_has_a_comparison():
+    assert NAMES == ["fedclup_mnist", "fedslr_cifar10", "lgmix_digits5", "pfml_mnist", "prfl_mnist"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_row_is_a_registered_method_with_its_own_keys_and_composes(name):
+    spec = comparison.load(name)
+    strategies.load_all()
+    assert spec.rows and len({r.label for r in spec.rows}) == len(spec.rows)
+    for row in spec.rows:
+        assert row.method in strategies.REGISTRY, row
+        for key in row.overrides:
+            if key.startswith("strategy."):
+                assert key.removeprefix("strategy.") in STRATEGY_SCHEMAS[row.method], (row.label, key)
+    for missing in spec.missing:
+        assert missing["method"] not in strategies.REGISTRY and missing["reason"]
+    # every row's whole config, with and without the offline stand-in, validates against the schemas
+    comparison.check(spec)
+    comparison.check(spec, stand_in=True)
+
+
+def test_a_preset_strategy_key_is_reset_or_removed_for_another_method():
+    pfedme, fedavg = (next(r for r in comparison.load("pfml_mnist").rows if r.method == m)
+                      for m in ("pfedme", "fedavg"))
+    assert "strategy.K=3" in comparison.row_overrides(pfedme)  # the row's own value over the default 5
+    assert "strategy.inner_l2=0.0" not in comparison.row_overrides(pfedme)  # not the preset's key
+    assert {"~strategy.K", "local_epochs=10"} <= set(comparison.row_overrides(fedavg))
+    fc = comparison.load("prfl_mnist").rows[0]
+    assert comparison.row_overrides(fc) == ["+experiment=prfl_mnist"]  # the preset's own method: untouched
+
+
+def test_a_bad_row_is_named():
+    spec = comparison.load("pfml_mnist")
+    bad = comparison.Comparison(**{**spec.__dict__, "rows": [comparison.Row("fedavg", "fedavg", "pfml_mnist",
+                                                                               {"strategy.lam": 1.0})]})
+    with pytest.raises(ConfigError, match="row fedavg: strategy.lam is not a key of strategy=fedavg"):
+        comparison.check(bad)
+
+
+def test_an_unknown_comparison_exits_2_naming_the_valid_ones(tmp_path, capsys):
+    assert main(["--comparison", "lgmix", "--out", str(tmp_path)], run_job=lambda a: pytest.fail("ran")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"pflower-sweep: there is no comparison 'lgmix'; the comparisons: {', '.join(NAMES)}"
+    assert main(["--comparison", "pfml_mnist", "--methods", "scaffold", "--out", str(tmp_path)],
+                run_job=lambda a: pytest.fail("ran")) == 2
+    assert "--methods scaffold: not rows of comparison pfml_mnist" in capsys.readouterr().err
+
+
+FAMILIES = ["global", "local (lower bound)", "fine-tuning", "partial sharing", "regularized", "interpolation",
+            "meta-learning", "clustering", "mutual learning", "low-rank + sparse"]
+
+
+def test_the_readme_methods_table_lists_every_method_grouped_by_family():
+    from pathlib import Path
+
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = lines.index("| family | name | client | personal model | module |") + 2
+    rows = [line.split("|") for line in lines[start:] if line.startswith("|")]
+    rows = rows[:next((i for i, r in enumerate(rows) if len(r) != 7), len(rows))]
+    families = [r[1].strip() for r in rows]
+    assert families == sorted(families, key=FAMILIES.index)  # each family one block, in this order
+    assert {r[2].strip().split("`")[1] for r in rows} == set(strategies.REGISTRY)
