@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -154,9 +155,9 @@ class Job:
 
 
 def plan(comparison: Comparison, user: list[str], out: Path, methods: list[str] | None,
-         stand_in: bool) -> list[Job]:
+         stand_in: bool, sweep: ModuleType) -> list[Job]:
     """Every job: each selected row times each combination of the command line's sweep."""
-    from task.run.sweep import expand, group_key, job_name
+    expand, group_key, job_name = sweep.expand, sweep.group_key, sweep.job_name
 
     rows = [r for r in comparison.rows if selected(r, methods)]
     extra = comparison.stand_in if stand_in else []
@@ -175,10 +176,10 @@ def plan(comparison: Comparison, user: list[str], out: Path, methods: list[str] 
 
 
 def table(comparison: Comparison, rows: list[dict], stand_in: bool, skipped: list[str],
-          user: list[str] | None = None) -> str:
-    """summary.md for a comparison: the sweep's columns with the paper's figure beside each row,
-    then the rows not run and why."""
-    from task.run.sweep import _fmt
+          fmt: Callable[..., str], user: list[str] | None = None) -> str:
+    """summary.md for a comparison: the sweep's columns with the paper's figure beside each row
+    (cells written by the sweep's ``fmt``), then the rows not run and why."""
+    _fmt = fmt
 
     papers = {r.label: r.paper for r in comparison.rows}
     lines = [f"# {comparison.title}", "",
@@ -209,10 +210,10 @@ def table(comparison: Comparison, rows: list[dict], stand_in: bool, skipped: lis
 
 
 def main(name: str, user: list[str], out: Path, methods: list[str] | None, stand_in: bool,
-         summarize_only: bool, run_job: Callable[[list[str]], int] | None = None,
+         summarize_only: bool, sweep: ModuleType, run_job: Callable[[list[str]], int] | None = None,
          directory: Path = COMPARISONS) -> int:
-    """Run (or only summarize) a paper's comparison; exit status as ``pflower-sweep``'s."""
-    from task.run import sweep
+    """Run (or only summarize) a paper's comparison; exit status as ``pflower-sweep``'s.
+    ``sweep``: task/run/sweep.py, which calls this (passed, not imported: no import circle)."""
 
     try:
         comparison = load(name, directory)
@@ -221,7 +222,7 @@ def main(name: str, user: list[str], out: Path, methods: list[str] | None, stand
             raise ConfigError(f"--methods {','.join(unknown)}: not rows of comparison {name}; its rows: "
                               f"{', '.join(r.label for r in comparison.rows)}")
         check(comparison, stand_in)
-        jobs = plan(comparison, user, out, methods, stand_in)
+        jobs = plan(comparison, user, out, methods, stand_in, sweep)
     except ConfigError as err:
         print(f"pflower-sweep: {err}", file=sys.stderr)
         return 2
@@ -240,7 +241,7 @@ def main(name: str, user: list[str], out: Path, methods: list[str] | None, stand
             return 130
     rows = sweep.summarize(groups, out)
     skipped = [r.label for r in comparison.rows if not selected(r, methods)]
-    (out / "summary.md").write_text(table(comparison, rows, stand_in, skipped, user))
+    (out / "summary.md").write_text(table(comparison, rows, stand_in, skipped, sweep._fmt, user))
     print((out / "summary.md").read_text())
     if failed:
         print(f"pflower-sweep: {len(failed)} of {len(jobs)} jobs failed: {', '.join(failed)} (left out of "

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None, run_job: Callable[[list[str]], int] | No
 
         methods = args.methods.split(",") if args.methods else None
         return comparison.main(args.comparison, launch.split_arguments(args.overrides), args.out, methods,
-                               args.stand_in, args.summarize_only, run_job)
+                               args.stand_in, args.summarize_only, sys.modules[__name__], run_job)
     if not args.overrides:
         parser.error("give the overrides to sweep (or --comparison NAME)")
     if args.search is not None:
