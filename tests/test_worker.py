@@ -102,21 +102,6 @@ def test_node_runs_the_supernode_with_process_isolation(monkeypatch, argv, expec
     assert seen["cmd"] == expected
 
 
-def test_the_supernode_clock_backs_off_when_idle_and_waits_briefly_for_a_reply(monkeypatch):
-    from deploy import supernode
-
-    slept: list[float] = []
-    monkeypatch.setattr(supernode.time, "sleep", slept.append)
-    clock = supernode.Clock()
-    for _ in range(8):
-        clock.sleep(3)  # the loop found no message
-    clock.sleep(0.5)  # waiting for the ClientApp's reply
-    clock.message_came()
-    clock.sleep(3)
-    assert slept == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0, 0.02, 0.05]
-    assert clock.monotonic is time.monotonic  # the rest is the time module's
-
-
 def test_supernode_pulls_objects_with_a_short_backoff():
     import functools
 
@@ -140,8 +125,6 @@ def test_supernode_pulls_objects_with_a_short_backoff():
         patched = start_client_internal.pull_objects
         assert isinstance(patched, functools.partial) and patched.func is original[0]
         assert patched.keywords == {"initial_backoff": 0.1, "backoff_cap": 1.0}
-        assert isinstance(start_client_internal.time, supernode.Clock)
-        assert start_client_internal._pull_and_store_message.__wrapped__ is original[1]
     finally:
         start_client_internal.pull_objects, start_client_internal._pull_and_store_message = original
         start_client_internal.time = time
