@@ -360,9 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     serve_p.add_argument("--secret-file", type=Path, help="the SuperNode's SuperExec secret")
     node_p = sub.choices["node"]
     node_p.add_argument("--flower-pull", action="store_true",
-                        help="keep Flower's own waits in the SuperNode: 1-10 s backoff when it "
-                             "pulls a message's objects, 3 s between polls when idle, 0.5 s for "
-                             "the reply (default: deploy/supernode.py's shorter ones)")
+                        help="keep Flower's 1-10 s backoff when the SuperNode pulls a message's "
+                             "objects (default: deploy/supernode.py's 0.1-1 s)")
     node_p.add_argument("supernode", nargs=argparse.REMAINDER,
                         help="-- flower-supernode ... --isolation process")
     args = parser.parse_args(argv)
