@@ -53,19 +53,19 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, bundled: bool 
     pairs: list[tuple[Message, Message]] = []
     deadline = time.monotonic() + timeout
     delay = POLL_START_S
-    while pending and time.monotonic() < deadline:
-        with bounded(deadline):  # a reply whose objects never come cannot hold the others
+    with bounded(deadline):  # a reply whose objects never come cannot hold the others
+        while pending and time.monotonic() < deadline:
             got = [r for r in grid.pull_messages(list(pending))
                    if r.metadata.reply_to_message_id in pending]
-        for reply in got:
-            pending.discard(reply.metadata.reply_to_message_id)
-            message, group = sent[reply.metadata.reply_to_message_id]
-            pairs += [(message, reply)] if len(group) == 1 else unbundle(message, reply, group)
-        if got:
-            delay = POLL_START_S
-        else:
-            time.sleep(delay)
-            delay = min(delay * 1.5, POLL_MAX_S)
+            for reply in got:
+                pending.discard(reply.metadata.reply_to_message_id)
+                message, group = sent[reply.metadata.reply_to_message_id]
+                pairs += [(message, reply)] if len(group) == 1 else unbundle(message, reply, group)
+            if got:
+                delay = POLL_START_S
+            else:
+                time.sleep(delay)
+                delay = min(delay * 1.5, POLL_MAX_S)
     return pairs, sum(len(sent[i][1]) for i in pending)
 
 
