@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from task.core.models import MODELS, build_model, last_linear
 
-CONFIGS = {"digit_cnn": {"width": 0.125}, "mlp": {"hidden": 16}, "cnn": {}, "lenet5": {},
+CONFIGS = {"digit_cnn": {"width": 0.125}, "mlp": {"hidden": 16}, "cnn": {}, "lenet5": {}, "fedavg_cnn": {},
            "resnet18_gn": {"groups": 2, "width": 0.125}, "logreg": {}}
 
 
@@ -34,6 +34,16 @@ def test_resnet18_gn_has_groupnorm_and_no_batchnorm():
 def test_lenet5_refuses_tiny_images():
     with pytest.raises(ValueError, match="lenet5"):
         build_model(OmegaConf.create({"name": "lenet5"}), (1, 8, 8), 10)
+
+
+def test_fedavg_cnn_is_pfllibs_four_layer_cnn():
+    """PFLlib's FedAvgCNN: 1024 features from 28x28 grey, 1600 from 32x32 RGB; 582,026 values on FMNIST."""
+    grey = build_model(OmegaConf.create({"name": "fedavg_cnn"}), (1, 28, 28), 10)
+    assert sum(p.numel() for p in grey.parameters()) == 832 + 51_264 + 524_800 + 5_130
+    rgb = build_model(OmegaConf.create({"name": "fedavg_cnn"}), (3, 32, 32), 10)
+    assert rgb.features[-2].in_features == 1600 and rgb.classifier.in_features == 512
+    with pytest.raises(ValueError, match="at least 16x16"):
+        build_model(OmegaConf.create({"name": "fedavg_cnn"}), (1, 15, 15), 10)
 
 
 def test_global_mean_pool_is_adaptive_avg_pool_to_one_and_raises_no_determinism_error():

@@ -99,6 +99,20 @@ def test_small_alpha_gives_few_classes_per_client():
     assert classes_per_client(0.05) <= 4 < 9 <= classes_per_client(100.0)
 
 
+def test_self_balancing_caps_what_a_client_gets_once_it_holds_its_share():
+    src = source()
+    share = len(src.y_train) / 6
+
+    def largest(balanced: bool) -> list[int]:
+        return [max(len(s.train) for s in plan(src, part("dirichlet", alpha=0.1, min_partition_size=1,
+                                                          self_balancing=balanced), seed=seed)[0])
+                for seed in range(5)]
+
+    # a client stops receiving once over N/clients: it can overshoot by at most one class's samples
+    assert all(n <= share + len(src.y_train) / C for n in largest(True))
+    assert max(largest(False)) > max(largest(True))
+
+
 def test_pathological_gives_exactly_k_classes():
     src = source()
     specs, _ = plan(src, part("pathological"), seed=0)

@@ -89,6 +89,30 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
+class FedAvgCNN(nn.Module):
+    """McMahan et al.'s CNN as PFLlib builds it (``FedAvgCNN``, its "4-layer CNN"):
+    conv32(5x5)-ReLU-pool, conv64(5x5)-ReLU-pool, fc512-ReLU, fc(classes), no padding.
+
+    28x28 inputs give PFLlib's 1024 features (64x4x4), 32x32 its 1600 (64x5x5).
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int):
+        super().__init__()
+        side = ((image_size - 4) // 2 - 4) // 2
+        if side < 1:
+            raise ValueError(f"model=fedavg_cnn needs images of at least 16x16, got "
+                             f"{image_size}x{image_size}")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(64 * side * side, 512), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 class BasicBlockGN(nn.Module):
     """ResNet basic block with GroupNorm: conv3x3-GN-ReLU-conv3x3-GN (+ projected shortcut), ReLU."""
 
@@ -177,7 +201,7 @@ class CharLSTM(nn.Module):
         return self.classifier(out[:, -1])
 
 
-MODELS = ("digit_cnn", "mlp", "cnn", "lenet5", "resnet18_gn", "logreg")  # take images (C, H, W)
+MODELS = ("digit_cnn", "mlp", "cnn", "lenet5", "fedavg_cnn", "resnet18_gn", "logreg")  # take images (C, H, W)
 TOKEN_MODELS = ("char_lstm",)  # take token sequences (L,)
 
 
@@ -211,6 +235,8 @@ def build_model(model: DictConfig, input_shape: tuple[int, ...], num_classes: in
         return CNN(channels, height, num_classes)
     if model.name == "lenet5":
         return LeNet5(channels, height, num_classes)
+    if model.name == "fedavg_cnn":
+        return FedAvgCNN(channels, height, num_classes)
     if model.name == "resnet18_gn":
         return ResNet18GN(channels, num_classes, int(model.groups), float(model.width))
     if model.name == "logreg":

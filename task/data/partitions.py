@@ -3,6 +3,8 @@
 - ``iid``: a seeded uniform split (flwr-datasets' ``IidPartitioner`` over a shuffled index).
 - ``dirichlet``: label skew, each class spread over the clients by Dir(``alpha``)
   (flwr-datasets' ``DirichletPartitioner``); a small alpha gives few classes per client.
+  ``self_balancing=true`` stops giving a class's samples to clients that already hold their
+  even share (N / clients), as PFLlib's and NIID-Bench's ``dir`` split does.
 - ``pathological``: every client holds ``classes_per_client`` classes (flwr-datasets'
   ``PathologicalPartitioner``, first class of client i is class i mod C).
 - ``domains``: feature shift, ``clients_per_domain`` clients per domain of a dataset made of
@@ -77,7 +79,8 @@ def label_partition(labels: np.ndarray, pool: np.ndarray, num_clients: int, part
     elif kind == "dirichlet":
         partitioner = DirichletPartitioner(num_clients, "label", float(partition.alpha),
                                            min_partition_size=int(partition.min_partition_size),
-                                           self_balancing=False, shuffle=True, seed=seed)
+                                           self_balancing=bool(partition.get("self_balancing", False)),
+                                           shuffle=True, seed=seed)
     elif kind == "pathological":
         num_classes = len(np.unique(labels[pool]))
         k = int(partition.classes_per_client)

@@ -6,6 +6,9 @@ A comparison is a sweep over methods on one paper preset, declared in
     title: the paper and its table
     experiment: the ``+experiment=`` preset every row runs on
     paper_metric: what the paper's figures are (they are printed beside pflower's)
+    paper_selection: how the paper picked the round its figure is from, where that is not
+        pflower's rule: ``peak_weighted`` (the round of best sample-weighted test accuracy, as
+        PFLlib reports) adds that figure of pflower's runs as a column beside the paper's
     stand_in: {overrides: [...], note: ...}   the offline data that replaces the paper's (--stand-in)
     methods: [{method, label?, experiment?, overrides?: {key: value}, paper?: figure}]
     missing: [{method, reason}]               rows pflower cannot run (printed, never dropped)
@@ -57,6 +60,11 @@ class Comparison:
     stand_in: list[str] = field(default_factory=list)
     stand_in_note: str = ""
     note: str = ""
+    paper_selection: str = ""
+
+
+# paper_selection -> the summary column it adds: (its header, the sweep row's value)
+SELECTIONS = {"peak_weighted": ("peak round: weighted test acc (the paper's selection)", "peak_weighted")}
 
 
 def available(directory: Path = COMPARISONS) -> list[str]:
@@ -70,9 +78,13 @@ def load(name: str, directory: Path = COMPARISONS) -> Comparison:
         raise ConfigError(f"there is no comparison {name!r}; the comparisons: "
                           f"{', '.join(available(directory))}")
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    unknown = set(spec) - {"title", "experiment", "paper_metric", "stand_in", "methods", "missing", "note"}
+    unknown = set(spec) - {"title", "experiment", "paper_metric", "paper_selection", "stand_in", "methods",
+                           "missing", "note"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+    selection = str(spec.get("paper_selection") or "")
+    if selection and selection not in SELECTIONS:
+        raise ConfigError(f"{path}: paper_selection={selection!r}; valid: {', '.join(SELECTIONS)}")
     rows = [Row(method=str(m["method"]), label=str(m.get("label", m["method"])),
                 experiment=str(m.get("experiment", spec["experiment"])),
                 overrides=dict(m.get("overrides") or {}), paper=m.get("paper"))
@@ -81,7 +93,8 @@ def load(name: str, directory: Path = COMPARISONS) -> Comparison:
     return Comparison(name=name, title=str(spec["title"]), experiment=str(spec["experiment"]),
                       paper_metric=str(spec.get("paper_metric", "")), rows=rows,
                       missing=list(spec.get("missing") or []), stand_in=list(stand_in.get("overrides") or []),
-                      stand_in_note=str(stand_in.get("note", "")), note=str(spec.get("note", "")))
+                      stand_in_note=str(stand_in.get("note", "")), note=str(spec.get("note", "")),
+                      paper_selection=selection)
 
 
 def hydra_value(value: Any) -> str:
@@ -182,20 +195,28 @@ def table(comparison: Comparison, rows: list[dict], stand_in: bool, skipped: lis
     _fmt = fmt
 
     papers = {r.label: r.paper for r in comparison.rows}
+    header, value = SELECTIONS.get(comparison.paper_selection, (None, None))
     lines = [f"# {comparison.title}", "",
              f"Preset `+experiment={comparison.experiment}`" + (
                  f", on the offline stand-in ({' '.join(comparison.stand_in)}): {comparison.stand_in_note}"
                  if stand_in else "") + "." + (f" Command line: `{' '.join(user)}`." if user else ""), "",
-             "| method | paper | seeds | final personal acc (mean) | worst client | "
-             "best-by-validation round: val acc | its test acc | global acc | MB up+down | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | paper | " + (f"{header} | " if header else "") + "seeds | final personal acc "
+             "(mean) | worst client | best-by-validation round: val acc | its test acc | global acc | "
+             "MB up+down | wall s |",
+             "|---|---|" + ("---|" if header else "") + "---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = papers.get(r["run"].split(" ")[0])
-        accuracies = ("final_mean", "final_worst", "best_val_mean", "best_mean", "final_global")
+        accuracies = (value,) if value else ()
+        accuracies += ("final_mean", "final_worst", "best_val_mean", "best_mean", "final_global")
         cells = [_fmt(r[k], r[f"{k}_std"]) for k in accuracies]
         cells += [_fmt(r[k], r[f"{k}_std"], 1) for k in ("mbytes_total", "wall_seconds")]
-        lines.append(f"| {r['run']} | {'—' if paper is None else f'{paper:g}'} | {r['seeds']} | "
-                     + " | ".join(cells) + " |")
+        if value:  # the paper's own selection sits beside the paper's figure
+            cells = cells[1:]
+            lines.append(f"| {r['run']} | {'—' if paper is None else f'{paper:g}'} | "
+                         f"{_fmt(r[value], r[f'{value}_std'])} | {r['seeds']} | " + " | ".join(cells) + " |")
+        else:
+            lines.append(f"| {r['run']} | {'—' if paper is None else f'{paper:g}'} | {r['seeds']} | "
+                         + " | ".join(cells) + " |")
     lines += ["", f"paper: {comparison.paper_metric or 'the figure ALGORITHMS.md quotes'} (— for a row "
               "without one). pflower's accuracies are fractions; cells as in a sweep: mean ± sample std over "
               "seeds."]

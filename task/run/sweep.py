@@ -157,6 +157,8 @@ def summarize(groups: dict[str, list[Path]], out: Path) -> list[dict]:
             "final_worst": [x["personalized_accuracy"]["worst"] for x in last],
             "best_val_mean": [b["validation_accuracy"]["mean"] if b else None for b in best],
             "best_mean": [b["personalized_accuracy"]["mean"] if b else None for b in best],
+            # a paper's selection, not pflower's (comparisons with paper_selection: peak_weighted)
+            "peak_weighted": [peak_weighted(_rounds(d)) for d in dirs],
             "final_global": [x.get("global_accuracy") for x in last],
             "mbytes_total": [(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in results],
             "wall_seconds": [r["wall_seconds"] for r in results],
@@ -170,6 +172,14 @@ def summarize(groups: dict[str, list[Path]], out: Path) -> list[dict]:
     return rows
 
 
+def peak_weighted(rows: list[dict]) -> float | None:
+    """The best round's sample-weighted personal test accuracy: how PFLlib picks its figure
+    (all clients' correct over all their test samples, the best round of the run)."""
+    scored = [r["personalized_accuracy"]["weighted"] for r in rows
+              if (r.get("personalized_accuracy") or {}).get("weighted") is not None]
+    return max(scored) if scored else None
+
+
 def _rounds(directory: Path) -> list[dict]:
     path = directory / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -181,7 +191,7 @@ def _fmt(mean: float | None, std: float | None, digits: int = 4) -> str:
 
 # summary.csv's values: each with its mean, sample std (ddof=1) and the n of seeds it is over
 SUMMARY_VALUES = ("final_mean", "final_worst", "best_val_mean", "best_mean", "final_global", "mbytes_total",
-                  "wall_seconds")
+                  "wall_seconds", "peak_weighted")
 
 
 def _write_tables(rows: list[dict], out: Path) -> None:
