@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import strategies
-from task.run import comparison
+from task.run import comparison, sweep
 from task.run.config import ConfigError
 from task.run.schema import STRATEGY_SCHEMAS
 from task.run.sweep import main
@@ -14,8 +14,12 @@ from task.run.sweep import main
 NAMES = comparison.available()
 
 
+SEED_PAPERS = ["fedclup_mnist", "fedslr_cifar10", "lgmix_digits5", "pfml_mnist", "prfl_mnist"]
+BENCHMARKS = ["pfllib_fmnist"]  # a published benchmark's table (PFLlib's), not a seed paper's
+
+
 def test_every_seed_paper_has_a_comparison():
-    assert NAMES == ["fedclup_mnist", "fedslr_cifar10", "lgmix_digits5", "pfml_mnist", "prfl_mnist"]
+    assert sorted(SEED_PAPERS + BENCHMARKS) == NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -76,3 +80,39 @@ def test_the_readme_methods_table_lists_every_method_grouped_by_family():
     families = [r[1].strip() for r in rows]
     assert families == sorted(families, key=FAMILIES.index)  # each family one block, in this order
     assert {r[2].strip().split("`")[1] for r in rows} == set(strategies.REGISTRY)
+
+
+def _summary_row(run: str, rounds_weighted: list[float | None]) -> dict:
+    """A sweep's summary row for one seed whose rounds had these weighted test accuracies."""
+    rounds = [{"round": i + 1, "personalized_accuracy": None if w is None else {"weighted": w}}
+              for i, w in enumerate(rounds_weighted)]
+    row = {"run": run, "seeds": 1, "peak_weighted": sweep.peak_weighted(rounds), "peak_weighted_std": None}
+    for key in ("final_mean", "final_worst", "best_val_mean", "best_mean", "final_global", "mbytes_total",
+                "wall_seconds"):
+        row[key], row[f"{key}_std"] = 0.5, None
+    return row
+
+
+def test_peak_weighted_is_the_best_rounds_weighted_accuracy_not_the_last():
+    assert sweep.peak_weighted([]) is None
+    assert _summary_row("x", [0.6, None, 0.9, 0.7])["peak_weighted"] == 0.9
+
+
+def test_a_paper_selection_puts_pflowers_figure_by_the_same_rule_beside_the_papers():
+    spec = comparison.load("pfllib_fmnist")
+    assert spec.paper_selection == "peak_weighted"
+    text = comparison.table(spec, [_summary_row("fedper", [0.7, 0.93, 0.91])], False, [], sweep._fmt)
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    row = next(line for line in text.splitlines() if line.startswith("| fedper"))
+    assert header.split(" | ")[1:3] == ["paper", "peak round: weighted test acc (the paper's selection)"]
+    assert row.split(" | ")[1:4] == ["97.44", "0.9300", "1"]
+    assert len(row.split("|")) == len(header.split("|"))
+    plain = comparison.Comparison(**{**spec.__dict__, "paper_selection": ""})
+    assert "peak round" not in comparison.table(plain, [_summary_row("fedper", [0.7])], False, [], sweep._fmt)
+
+
+def test_an_unknown_paper_selection_is_refused_naming_the_valid_one(tmp_path):
+    (tmp_path / "bad.yaml").write_text((comparison.COMPARISONS / "pfllib_fmnist.yaml").read_text()
+                                       .replace("paper_selection: peak_weighted", "paper_selection: last"))
+    with pytest.raises(ConfigError, match="paper_selection='last'; valid: peak_weighted"):
+        comparison.load("bad", tmp_path)

@@ -206,17 +206,13 @@ def table(comparison: Comparison, rows: list[dict], stand_in: bool, skipped: lis
              "|---|---|" + ("---|" if header else "") + "---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = papers.get(r["run"].split(" ")[0])
-        accuracies = (value,) if value else ()
-        accuracies += ("final_mean", "final_worst", "best_val_mean", "best_mean", "final_global")
+        lead = ["—" if paper is None else f"{paper:g}"]
+        if value:  # the paper's own selection sits beside the paper's figure
+            lead.append(_fmt(r[value], r[f"{value}_std"]))
+        accuracies = ("final_mean", "final_worst", "best_val_mean", "best_mean", "final_global")
         cells = [_fmt(r[k], r[f"{k}_std"]) for k in accuracies]
         cells += [_fmt(r[k], r[f"{k}_std"], 1) for k in ("mbytes_total", "wall_seconds")]
-        if value:  # the paper's own selection sits beside the paper's figure
-            cells = cells[1:]
-            lines.append(f"| {r['run']} | {'—' if paper is None else f'{paper:g}'} | "
-                         f"{_fmt(r[value], r[f'{value}_std'])} | {r['seeds']} | " + " | ".join(cells) + " |")
-        else:
-            lines.append(f"| {r['run']} | {'—' if paper is None else f'{paper:g}'} | {r['seeds']} | "
-                         + " | ".join(cells) + " |")
+        lines.append(f"| {r['run']} | " + " | ".join([*lead, str(r["seeds"]), *cells]) + " |")
     lines += ["", f"paper: {comparison.paper_metric or 'the figure ALGORITHMS.md quotes'} (— for a row "
               "without one). pflower's accuracies are fractions; cells as in a sweep: mean ± sample std over "
               "seeds."]
