@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench import baselines, clustered_grid, prfl_attacks
 from docs import comparisons as cmp
+from task.run import comparison as paper_comparison
 from task.run import launch, search, sweep
 
 Lines = list[str]
@@ -234,6 +235,54 @@ def new_clients_build(root: Path, scratch: Path) -> Lines:
                                    for label, path in found if path.exists())]
 
 
+# --- pflower-sweep --comparison: a published table's rows beside its figures ------------------
+
+# (a suffix for the rows' labels, the command line's overrides, --methods or None, --out's folder)
+ComparisonSweep = tuple[str, str, str | None, str]
+
+
+def comparison_commands(name: str, sweeps: list[ComparisonSweep]) -> tuple[str, ...]:
+    return tuple(f"pflower-sweep --comparison {name} {overrides}" + (f" --methods {m}" if m else "")
+                 + f" --out {{root}}/{folder}" for _, overrides, m, folder in sweeps)
+
+
+def comparison_table(name: str, sweeps: list[ComparisonSweep]) -> Callable[[Path, Path], Lines]:
+    """The comparison's summary table (task/run/comparison.py's ``table``) over the finished
+    runs of one or more of its sweeps, each sweep's rows labelled with its suffix."""
+    def build(root: Path, scratch: Path) -> Lines:
+        spec = paper_comparison.load(name)
+        rows = []
+        for i, (suffix, overrides, methods, folder) in enumerate(sweeps):
+            jobs = paper_comparison.plan(spec, shlex.split(overrides), root / folder,
+                                         methods.split(",") if methods else None, False, sweep)
+            groups: dict[str, list[Path]] = {}
+            for job in jobs:
+                groups.setdefault(f"{job.label} {suffix}".strip(), []).append(job.directory)
+            (scratch / str(i)).mkdir(parents=True, exist_ok=True)
+            rows += sweep.summarize(groups, scratch / str(i))
+        return table_lines(paper_comparison.table(spec, rows, False, [], sweep._fmt))
+    return build
+
+
+def comparison_figure(name: str, sweeps: list[ComparisonSweep]) -> Callable[[Path, Path], Lines]:
+    """The first sweep's summary.png (each row's mean personal accuracy per round)."""
+    def build(root: Path, scratch: Path) -> Lines:
+        has_rows = len(comparison_table(name, sweeps[:1])(root, scratch)) > 2
+        return [str(scratch / "0" / "summary.png")] if has_rows else []
+    return build
+
+
+def comparison_empty(name: str) -> Callable[[Path], Lines]:
+    return lambda scratch: table_lines(paper_comparison.table(paper_comparison.load(name), [], False, [],
+                                                              sweep._fmt))
+
+
+PFLLIB = [("", "num_rounds=15 backend=local", None, "pfllib")]
+PFLLIB_CHECKS = [("(alpha 1.0, rho 0.02: PFLlib's)", "num_rounds=15 backend=local strategy.alpha=1.0 "
+                  "strategy.alpha_reg=0.02", "apfl", "pfllib_apfl1"),
+                 ("(60 rounds)", "num_rounds=60 backend=local", "fedper", "pfllib_long")]
+
+
 # --- several sweeps side by side with their trade-off figure (docs/fedclup.md, docs/pfml.md) ----
 
 def comparison(prefix: str, doc: str, rows: list[cmp.Row], columns: list[cmp.Column], target: float,
@@ -289,6 +338,12 @@ ENTRIES = (
     Entry("search-6", "docs/search.md", (SEARCH.replace("{n}", "4"), SEARCH.replace("{n}", "6")),
           search_table(6), search_empty),
     *FEDCLUP, *PFML,
+    Entry("pfllib-fmnist", "docs/baselines.md", comparison_commands("pfllib_fmnist", PFLLIB),
+          comparison_table("pfllib_fmnist", PFLLIB), comparison_empty("pfllib_fmnist")),
+    Entry("pfllib-fmnist-figure", "docs/baselines.md", comparison_commands("pfllib_fmnist", PFLLIB),
+          comparison_figure("pfllib_fmnist", PFLLIB), figure=True),
+    Entry("pfllib-fmnist-checks", "docs/baselines.md", comparison_commands("pfllib_fmnist", PFLLIB_CHECKS),
+          comparison_table("pfllib_fmnist", PFLLIB_CHECKS), comparison_empty("pfllib_fmnist")),
     Entry("new-clients", "docs/new_clients.md",
           tuple(f"pflower-sim {o} new_clients=0.2 num_rounds=10 output_dir={{root}}/new_clients/{f}"
                 for _, f, o in NEW_CLIENTS), new_clients_build, lambda scratch: list(NEW_CLIENTS_HEADER),

@@ -116,3 +116,16 @@ def test_an_unknown_paper_selection_is_refused_naming_the_valid_one(tmp_path):
                                        .replace("paper_selection: peak_weighted", "paper_selection: last"))
     with pytest.raises(ConfigError, match="paper_selection='last'; valid: peak_weighted"):
         comparison.load("bad", tmp_path)
+
+
+def test_pfllib_fmnist_preset_is_pfllibs_benchmark_setting():
+    from task.run.config import compose_config
+
+    cfg = compose_config("+experiment=pfllib_fmnist")
+    assert (cfg.strategy.name, cfg.dataset.name, cfg.partition.name, cfg.model.name) == (
+        "fedavg", "fashion_mnist", "dirichlet", "fedavg_cnn")
+    assert (cfg.partition.num_clients, cfg.partition.alpha, cfg.partition.self_balancing) == (20, 0.1, True)
+    assert (cfg.batch_size, cfg.lr, cfg.local_epochs, cfg.fraction_train) == (10, 0.005, 1, 1.0)
+    assert (cfg.momentum, cfg.weight_decay, cfg.num_rounds, cfg.eval_every) == (0.0, 0.0, 2000, 1)
+    # the preset sets no strategy key, so any method runs on it by hand
+    assert compose_config("+experiment=pfllib_fmnist strategy=fedrep").strategy.name == "fedrep"

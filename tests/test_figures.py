@@ -88,6 +88,9 @@ def test_titles_and_legends_use_display_names(tmp_path):
     assert labels == ["FedCLUP (n=2)", "FedAvg (n=2)"]  # the shared lam=0.5 is left out
     assert figures.override_label("strategy=lgfedavg dataset=cifar10 strategy.lam=0.5") == \
         "LG-FedAvg, CIFAR-10, lam=0.5"
+    # a comparison's rows are labelled by method, with what sets a row apart
+    assert figures.override_label("perfedavg") == "Per-FedAvg"
+    assert figures.override_label("apfl (alpha 1.0)") == "APFL (alpha 1.0)"
     assert figures.run_title("my_method", "my_data") == "my_method on my_data"  # unknown names as given
     matplotlib.pyplot.close("all")
 

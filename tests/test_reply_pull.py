@@ -125,6 +125,42 @@ def test_a_reply_whose_objects_never_come_ends_at_the_deadline_and_the_others_ar
     assert [by_client[c].content.metric_records["metrics"]["x"] for c in (1, 2)] == [1.0, 2.0]
 
 
+def test_replies_that_come_while_a_dead_nodes_reply_holds_a_pull_are_read_before_the_deadline():
+    link = FakeLink()
+    grid, sent = Grid(link), messages(3)
+    grid.push_messages(sent)
+    link.reply(sent[0], withheld=True)  # the first header pulled, its objects never come
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(out=exchange(grid, sent, 4.0, bundled=False)),
+                              daemon=True)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(0.2)  # the others' replies land while the first pull waits for the dead one's objects
+    link.reply(sent[1])
+    link.reply(sent[2])
+    arrived: dict[int, float] = {}
+    while thread.is_alive() and time.monotonic() - started < 20:
+        for m in (1, 2):  # their headers leave the link when a second pull reads them
+            if sent[m].metadata.message_id not in link.replies:
+                arrived.setdefault(m, time.monotonic() - started)
+        time.sleep(0.01)
+    assert not thread.is_alive()
+    pairs, late = result["out"]
+    by_client = {int(s.content.config_records["config"]["client-id"]): r for s, r in pairs}
+    assert late == 0 and sorted(by_client) == [0, 1, 2]
+    assert by_client[0].has_error() and not by_client[1].has_error() and not by_client[2].has_error()
+    assert sorted(arrived) == [1, 2] and max(arrived.values()) < 4.0 - 1.0  # well before the deadline
+    with pytest.MonkeyPatch.context() as mp:  # and with one pull at a time, they are not
+        mp.setattr("task.engine.exchange.MAX_PULLS", 1)
+        link = FakeLink()
+        grid, sent = Grid(link), messages(2)
+        grid.push_messages(sent)
+        link.reply(sent[0], withheld=True)
+        threading.Timer(0.2, link.reply, (sent[1],)).start()
+        _, late = exchange(grid, sent, 1.5, bundled=False)
+        assert late == 1
+
+
 def test_objects_that_arrive_a_moment_late_are_taken_within_a_fraction_of_flowers_first_backoff():
     link = FakeLink(unavailable=3)  # Flower's backoff: 1 + 2 + 4 s (+-20%) before the 4th try
     grid, sent = Grid(link), messages(1)

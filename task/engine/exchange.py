@@ -2,7 +2,11 @@
 
 ``exchange`` pushes and pulls with a short, backing-off poll (Flower 1.41's
 ``send_and_receive`` sleeps 3 s between polls), and a deployment's pull of a reply's objects
-ends at the exchange's deadline (task/engine/reply_pull.py). ``Directory`` learns the clients each node
+ends at the exchange's deadline (task/engine/reply_pull.py). A deployment's pull takes each
+reply's header off the SuperLink, then waits for its objects: a reply whose sender died while
+uploading holds that call until the deadline, so while a call has run ``STALL_S`` another one
+polls for the rest (at most ``MAX_PULLS`` at once); one dead node must not cost the others
+the round (tests/e2e/test_compose.py). ``Directory`` learns the clients each node
 serves from a "query" message at start and whenever an unknown node appears: client identity
 is the ``partition-id`` a ClientApp reports, never the Flower node id, which changes when a
 node reconnects.
@@ -11,10 +15,14 @@ node reconnects.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid.http_grid import HttpGrid
 
 from task.core.bundles import bundle, unbundle
 from task.core.messages import CONFIG, METRICS, hosted_clients
@@ -22,6 +30,8 @@ from task.engine.reply_pull import bounded
 
 POLL_START_S = 0.005
 POLL_MAX_S = 0.05
+STALL_S = 0.5
+MAX_PULLS = 4
 
 
 @dataclass
@@ -51,22 +61,51 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, bundled: bool 
     sent = dict(zip(ids, zip(pushed, groups, strict=True), strict=True))
     pending = set(ids)
     pairs: list[tuple[Message, Message]] = []
-    deadline = time.monotonic() + timeout
+    for reply in _pull(grid, pending, time.monotonic() + timeout):
+        message, group = sent[reply.metadata.reply_to_message_id]
+        pairs += [(message, reply)] if len(group) == 1 else unbundle(message, reply, group)
+    return pairs, sum(len(sent[i][1]) for i in pending)
+
+
+def _pull(grid: Grid, pending: set[str], deadline: float) -> list[Message]:
+    """The replies to ``pending`` (each one's id taken out of it) until none is pending or
+    ``deadline``; a deployment's pulls overlap where one stalls."""
+    deployed = isinstance(grid, HttpGrid)  # in memory: no objects to wait on, no threads
+    replies: list[Message] = []
     delay = POLL_START_S
-    with bounded(deadline):  # a reply whose objects never come cannot hold the others
+    with bounded(deadline), ThreadPoolExecutor(MAX_PULLS if deployed else 1) as pool:
+        submit = pool.submit if deployed else _called
+        running: dict[Future, float] = {}  # pull -> when it started
         while pending and time.monotonic() < deadline:
-            got = [r for r in grid.pull_messages(list(pending))
-                   if r.metadata.reply_to_message_id in pending]
+            now = time.monotonic()
+            if not running or (len(running) < MAX_PULLS and now - max(running.values()) > STALL_S):
+                running[submit(grid.pull_messages, list(pending))] = now
+            done, _ = wait(running, timeout=delay, return_when=FIRST_COMPLETED)
+            got = [r for f in done for r in f.result() if r.metadata.reply_to_message_id in pending]
+            for future in done:
+                del running[future]
             for reply in got:
                 pending.discard(reply.metadata.reply_to_message_id)
-                message, group = sent[reply.metadata.reply_to_message_id]
-                pairs += [(message, reply)] if len(group) == 1 else unbundle(message, reply, group)
+            replies += got
             if got:
                 delay = POLL_START_S
             else:
-                time.sleep(delay)
+                if done:  # an empty answer: wait before asking again
+                    time.sleep(delay)
                 delay = min(delay * 1.5, POLL_MAX_S)
-    return pairs, sum(len(sent[i][1]) for i in pending)
+        # A pull still running took its replies off the SuperLink: it ends by the deadline
+        # (the objects' wait is bounded), and what it read counts.
+        replies += [r for f in running for r in f.result() if r.metadata.reply_to_message_id in pending]
+    for reply in replies:
+        pending.discard(reply.metadata.reply_to_message_id)
+    return replies
+
+
+def _called(function: Callable[..., Any], *args: Any) -> Future:
+    """``function(*args)`` called here and now, as a finished Future."""
+    future: Future = Future()
+    future.set_result(function(*args))
+    return future
 
 
 def _by_node(messages: list[Message]) -> list[list[Message]]:

@@ -32,7 +32,7 @@ METHOD_NAMES = {
     "ditto": "Ditto", "fedavg": "FedAvg", "fedavg_ft": "FedAvg-FT", "fedbabu": "FedBABU", "fedbn": "FedBN",
     "fedclup": "FedCLUP", "fedper": "FedPer", "fedprox": "FedProx", "fedrep": "FedRep", "fedrod": "FedRoD",
     "fedslr": "FedSLR", "fml": "FML", "ifca": "IFCA", "lgfedavg": "LG-FedAvg", "lgmix": "LG-Mix",
-    "local": "Local", "pfml": "PFML",
+    "local": "Local", "pfml": "PFML", "pfedme": "pFedMe", "perfedavg": "Per-FedAvg", "cfl": "CFL",
 }
 DATASET_NAMES = {
     "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "Digits", "digits5": "Digits-5",
@@ -60,7 +60,10 @@ def run_title(strategy: str, dataset: str) -> str:
 
 def override_label(overrides: str) -> str:
     """A sweep row's overrides as a legend label: ``strategy=fedavg strategy.lam=0.5`` reads
-    ``FedAvg, lam=0.5``."""
+    ``FedAvg, lam=0.5``; a comparison's row label (``apfl (alpha 1.0)``) names its method first."""
+    if "=" not in overrides:
+        name, _, note = overrides.partition(" ")
+        return f"{method_name(name)} {note}".strip()
     parts = []
     for item in overrides.split():
         key, _, value = item.partition("=")

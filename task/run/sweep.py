@@ -230,14 +230,16 @@ def summary_figure(rows: list[dict]):
     from task.algorithms.tradeoff import short_labels
     fig, ax = figures.new_figure(width=6.5)
     labels = short_labels([row["run"] for row in rows]) if rows else []
-    for row, label in zip(rows, labels, strict=True):
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
         curves = [c for c in row["curves"] if c]
         if not curves:
             continue
         length = min(len(c) for c in curves)
         xs = [x for x, _ in curves[0][:length]]
         mean, std = band(np.array([[y for _, y in c[:length]] for c in curves]))
-        line, = ax.plot(xs, mean, marker=".", label=f"{figures.override_label(label)} (n={len(curves)})")
+        style = ("-", "--", ":")[i // len(figures.PALETTE) % 3]  # past the palette's colours
+        line, = ax.plot(xs, mean, marker=".", linestyle=style,
+                        label=f"{figures.override_label(label)} (n={len(curves)})")
         ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=line.get_color(), linewidth=0)
     ax.set(ylabel="mean personalized test accuracy", ylim=(0, 1),
            title="Mean over seeds, band: ± one sample std")
