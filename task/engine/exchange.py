@@ -95,10 +95,10 @@ def _pull(grid: Grid, pending: set[str], deadline: float) -> list[Message]:
                 delay = min(delay * 1.5, POLL_MAX_S)
         # A pull still running took its replies off the SuperLink: it ends by the deadline
         # (the objects' wait is bounded), and what it read counts.
-        replies += [r for f in running for r in f.result() if r.metadata.reply_to_message_id in pending]
-    for reply in replies:
+        late_read = [r for f in running for r in f.result() if r.metadata.reply_to_message_id in pending]
+    for reply in late_read:
         pending.discard(reply.metadata.reply_to_message_id)
-    return replies
+    return replies + late_read
 
 
 def _called(function: Callable[..., Any], *args: Any) -> Future:
