@@ -17,6 +17,8 @@ functions (``flwr.supernode.runtime.run_clientapp``: ``pull_task_input``, ``push
 - Flower's task heartbeat raises SIGINT in the process when the SuperNode refuses it (the
   task was given up): the task is abandoned and the worker re-execs (the app was
   interrupted at an arbitrary point; a fresh process holds none of its half-made state).
+  A refusal once the reply is pushed is stale and ignored: the SuperNode ends the task's
+  token when the reply arrives, and the heartbeat thread may be mid-call just then.
 - A crash (any exit) is restarted by the supervisor, ``node``: it starts the SuperNode and
   the worker side by side, restarts the worker with a backoff, and exits with the
   SuperNode's code when the SuperNode exits (compose's ``restart:`` then restarts both).
@@ -193,6 +195,7 @@ def run_task(endpoint: Endpoint, token: str) -> dict[str, float]:
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
+                _task["replied"] = True
         finally:
             retry.max_tries = 1  # the task's output once: a refused task must not block the worker
             try:
@@ -208,13 +211,16 @@ def run_task(endpoint: Endpoint, token: str) -> dict[str, float]:
 
 
 # --- the loop ------------------------------------------------------------------------------------
-_in_task = False
+_task = {"running": False, "replied": False}  # read by the SIGINT handler
 
 
 def _on_sigint(_signum: int, _frame) -> None:
-    """Flower's heartbeat raises SIGINT when the SuperNode refuses the task: abandon it. When
-    idle, SIGINT (Ctrl-C) stops the worker."""
-    if _in_task:
+    """Flower's heartbeat raises SIGINT when the SuperNode refuses the task: abandon it,
+    unless its reply is pushed already (a stale refusal: the task is done). When idle,
+    SIGINT (Ctrl-C) stops the worker."""
+    if _task["running"]:
+        if _task["replied"]:
+            return
         raise TaskAbandoned
     raise SystemExit(0)
 
@@ -235,7 +241,6 @@ def reexec(token: str | None, run_id: int | None) -> None:
 
 def serve(endpoint: Endpoint, secret: bytes | None) -> None:
     """Run ClientApp tasks until stopped; re-exec for another run or an abandoned task."""
-    global _in_task
     from flwr.supercore import log
     from flwr.supercore.logger import update_console_handler
 
@@ -264,11 +269,11 @@ def serve(endpoint: Endpoint, secret: bytes | None) -> None:
             else:
                 token, claimed = claimed, None
             begun, cpu = time.perf_counter(), time.process_time()
-            _in_task = True
+            _task.update(running=True, replied=False)
             try:
                 stages = run_task(endpoint, token)
             finally:
-                _in_task = False
+                _task["running"] = False
             log(INFO, "pflower worker: done in %.2f s (%.2f s CPU): %s",
                 time.perf_counter() - begun, time.process_time() - cpu,
                 ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))

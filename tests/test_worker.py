@@ -12,9 +12,11 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
+import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -132,3 +134,64 @@ def test_supernode_pulls_objects_with_a_short_backoff():
     assert worker.supernode_process(node, flower_pull=True) == node
     assert worker.supernode_process(node, flower_pull=False)[1:] == [str(ROOT / "deploy" / "supernode.py"),
                                                                      "--insecure"]
+
+
+class _Heartbeat:
+    def __init__(self, fn) -> None:
+        self.is_running = False
+
+    def start(self) -> None:
+        self.is_running = True
+
+    def stop(self) -> None:
+        self.is_running = False
+
+
+def _refused_when(stage: str, monkeypatch) -> list[str]:
+    """Fake Flower calls around ``worker.run_task``: the heartbeat's refusal (SIGINT, as Flower's
+    heartbeat thread raises it) comes while the ``stage`` call runs. Returns the calls made."""
+    import flwr.cli.install
+    import flwr.clientapp.utils
+    import flwr.supercore.heartbeat
+    import flwr.supernode.runtime.run_clientapp as run_clientapp
+
+    calls: list[str] = []
+
+    def call(name: str, result=None):
+        def fn(*_args, **_kwargs):
+            calls.append(name)
+            if name == stage:
+                signal.raise_signal(signal.SIGINT)
+            return result
+        return fn
+
+    message = SimpleNamespace(metadata=SimpleNamespace(message_type="train"))
+    run = SimpleNamespace(run_id=1, fab_id="f", fab_version="v")
+    monkeypatch.setattr(worker, "task_client", lambda endpoint, token: (
+        SimpleNamespace(close=lambda: None), SimpleNamespace(max_tries=None)))
+    monkeypatch.setattr(worker, "pull_task_input", lambda client: (
+        message, SimpleNamespace(), run, SimpleNamespace(content=b"", hash_str="h")))
+    monkeypatch.setattr(flwr.supercore.heartbeat, "HeartbeatSender", _Heartbeat)
+    monkeypatch.setattr(flwr.cli.install, "install_from_fab", lambda *a, **k: None)
+    monkeypatch.setattr(flwr.clientapp.utils, "get_load_client_app_fn",
+                        lambda **k: lambda *ids: call("app", SimpleNamespace()))
+    monkeypatch.setattr(run_clientapp, "push_message", call("push_message"))
+    monkeypatch.setattr(run_clientapp, "push_task_output", call("push_task_output"))
+    monkeypatch.setattr(worker, "_task", {"running": True, "replied": False})  # as serve() sets it
+    previous = signal.signal(signal.SIGINT, worker._on_sigint)
+    try:
+        worker.run_task(worker.Endpoint(), "token")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return calls
+
+
+def test_a_heartbeat_refused_after_the_reply_is_pushed_leaves_the_worker_serving(monkeypatch):
+    # CI once saw this race: the SuperNode ends a task's token when its reply arrives, and a
+    # heartbeat sent just then is refused; the task is done, the worker must not restart.
+    assert _refused_when("push_task_output", monkeypatch) == ["app", "push_message", "push_task_output"]
+
+
+def test_a_heartbeat_refused_while_the_app_runs_abandons_the_task(monkeypatch):
+    with pytest.raises(worker.TaskAbandoned):
+        _refused_when("app", monkeypatch)
