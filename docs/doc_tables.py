@@ -255,11 +255,8 @@ def comparison_table(name: str, sweeps: list[ComparisonSweep]) -> Callable[[Path
         for i, (suffix, overrides, methods, folder) in enumerate(sweeps):
             jobs = paper_comparison.plan(spec, shlex.split(overrides), root / folder,
                                          methods.split(",") if methods else None, False, sweep)
-            groups: dict[str, list[Path]] = {}
-            for job in jobs:
-                groups.setdefault(f"{job.label} {suffix}".strip(), []).append(job.directory)
             (scratch / str(i)).mkdir(parents=True, exist_ok=True)
-            rows += sweep.summarize(groups, scratch / str(i))
+            rows += sweep.summarize(paper_comparison.run_folders(jobs, suffix), scratch / str(i))
         return table_lines(paper_comparison.table(spec, rows, False, [], sweep._fmt))
     return build
 

@@ -129,3 +129,11 @@ def test_pfllib_fmnist_preset_is_pfllibs_benchmark_setting():
     assert (cfg.momentum, cfg.weight_decay, cfg.num_rounds, cfg.eval_every) == (0.0, 0.0, 2000, 1)
     # the preset sets no strategy key, so any method runs on it by hand
     assert compose_config("+experiment=pfllib_fmnist strategy=fedrep").strategy.name == "fedrep"
+
+
+def test_run_folders_put_one_rows_seeds_together_in_the_jobs_order(tmp_path):
+    jobs = [comparison.Job(label, tmp_path / f"{label}-{seed}", [])
+            for seed in (0, 1) for label in ("a", "b")]
+    assert comparison.run_folders(jobs) == {"a": [tmp_path / "a-0", tmp_path / "a-1"],
+                                            "b": [tmp_path / "b-0", tmp_path / "b-1"]}
+    assert list(comparison.run_folders(jobs[:1], "(60 rounds)")) == ["a (60 rounds)"]

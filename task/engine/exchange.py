@@ -1,12 +1,10 @@
 """Messages out and replies in, and which node serves which client.
 
 ``exchange`` pushes and pulls with a short, backing-off poll (Flower 1.41's
-``send_and_receive`` sleeps 3 s between polls), and a deployment's pull of a reply's objects
-ends at the exchange's deadline (task/engine/reply_pull.py). A deployment's pull takes each
-reply's header off the SuperLink, then waits for its objects: a reply whose sender died while
-uploading holds that call until the deadline, so while a call has run ``STALL_S`` another one
-polls for the rest (at most ``MAX_PULLS`` at once); one dead node must not cost the others
-the round (tests/e2e/test_compose.py). ``Directory`` learns the clients each node
+``send_and_receive`` sleeps 3 s between polls). In a deployment each reply's objects are
+pulled on their own and given up at the exchange's deadline (task/engine/reply_pull.py): a
+reply whose sender died while uploading must not cost the others the round
+(tests/e2e/test_compose.py). ``Directory`` learns the clients each node
 serves from a "query" message at start and whenever an unknown node appears: client identity
 is the ``partition-id`` a ClientApp reports, never the Flower node id, which changes when a
 node reconnects.
@@ -15,10 +13,7 @@ node reconnects.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -26,12 +21,9 @@ from flwr.superlink.grid.http_grid import HttpGrid
 
 from task.core.bundles import bundle, unbundle
 from task.core.messages import CONFIG, METRICS, hosted_clients
-from task.engine.reply_pull import bounded
+from task.engine import reply_pull
 
-POLL_START_S = 0.005
-POLL_MAX_S = 0.05
-STALL_S = 0.5
-MAX_PULLS = 4
+POLL_START_S, POLL_MAX_S = reply_pull.POLL_START_S, reply_pull.POLL_MAX_S
 
 
 @dataclass
@@ -69,43 +61,22 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, bundled: bool 
 
 def _pull(grid: Grid, pending: set[str], deadline: float) -> list[Message]:
     """The replies to ``pending`` (each one's id taken out of it) until none is pending or
-    ``deadline``; a deployment's pulls overlap where one stalls."""
-    deployed = isinstance(grid, HttpGrid)  # in memory: no objects to wait on, no threads
+    ``deadline``."""
+    if isinstance(grid, HttpGrid):  # a deployment: objects to wait on, each reply on its own
+        return reply_pull.pull(grid, pending, deadline)
     replies: list[Message] = []
     delay = POLL_START_S
-    with bounded(deadline), ThreadPoolExecutor(MAX_PULLS if deployed else 1) as pool:
-        submit = pool.submit if deployed else _called
-        running: dict[Future, float] = {}  # pull -> when it started
-        while pending and time.monotonic() < deadline:
-            now = time.monotonic()
-            if not running or (len(running) < MAX_PULLS and now - max(running.values()) > STALL_S):
-                running[submit(grid.pull_messages, list(pending))] = now
-            done, _ = wait(running, timeout=delay, return_when=FIRST_COMPLETED)
-            got = [r for f in done for r in f.result() if r.metadata.reply_to_message_id in pending]
-            for future in done:
-                del running[future]
-            for reply in got:
-                pending.discard(reply.metadata.reply_to_message_id)
-            replies += got
-            if got:
-                delay = POLL_START_S
-            else:
-                if done:  # an empty answer: wait before asking again
-                    time.sleep(delay)
-                delay = min(delay * 1.5, POLL_MAX_S)
-        # A pull still running took its replies off the SuperLink: it ends by the deadline
-        # (the objects' wait is bounded), and what it read counts.
-        late_read = [r for f in running for r in f.result() if r.metadata.reply_to_message_id in pending]
-    for reply in late_read:
-        pending.discard(reply.metadata.reply_to_message_id)
-    return replies + late_read
-
-
-def _called(function: Callable[..., Any], *args: Any) -> Future:
-    """``function(*args)`` called here and now, as a finished Future."""
-    future: Future = Future()
-    future.set_result(function(*args))
-    return future
+    while pending and time.monotonic() < deadline:
+        got = [r for r in grid.pull_messages(list(pending)) if r.metadata.reply_to_message_id in pending]
+        for reply in got:
+            pending.discard(reply.metadata.reply_to_message_id)
+        replies += got
+        if got:
+            delay = POLL_START_S
+        else:
+            time.sleep(delay)
+            delay = min(delay * 1.5, POLL_MAX_S)
+    return replies
 
 
 def _by_node(messages: list[Message]) -> list[list[Message]]:

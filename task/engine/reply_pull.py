@@ -1,60 +1,142 @@
-"""The ServerApp's pull of a reply's objects: polled briefly, and given up at the round's deadline.
+"""A deployment's pull of replies: each reply's objects on their own, and given up at the deadline.
 
 In a deployment the ServerApp's grid is Flower 1.41's ``HttpGrid``. Its ``pull_messages`` takes
-each reply's header from the SuperLink, then the reply's objects (its arrays) with
+the replies' headers off the SuperLink, then each reply's objects (its arrays) with
 ``pull_objects``' defaults: while an object is not there yet it retries after 1, 2, 4, 8, 10 s,
-for up to two hours, one reply after the other. Seen in the compose test:
+for up to two hours, one reply after the other. Seen in the compose test, where a SuperNode is
+killed while it uploads its reply (the header on the SuperLink, its objects never complete):
 
-- a SuperNode killed while it uploaded its reply left the header without its objects; the
-  ServerApp's pull of that one reply blocked ~180 s (until the SuperLink expired the upload
-  session), far past ``round_timeout``, while the other nodes' finished replies lay unread and
-  were then counted late: three clients missing a round where one node had died;
+- the pull of that reply blocked ~180 s (until the SuperLink expired the upload session), far
+  past ``round_timeout``, and the replies pulled with it or after it were counted late: three
+  clients missing a round where one node had died;
+- with that pull bounded by the deadline and more ``pull_messages`` calls started beside a
+  stalled one, CI still lost all four clients of that round once: every later call asked for
+  the dead reply's id again and stalled as well, and none was left to read the others;
 - a reply whose header is pulled a moment before its objects arrive waits a whole second.
 
-Within ``bounded(deadline)`` (task/engine/exchange.py's ``exchange`` uses it) the pull retries
-after 20 ms backing off to 0.25 s, and stops at the exchange's deadline: the reply is then
-Flower's own error reply (``MESSAGE_UNAVAILABLE``), which the engine counts as missing. The
-in-memory grid of a simulation pulls no objects: nothing changes there.
-
-Flower internals: ``flwr.superlink.grid.http_grid.pull_objects``, imported there by name;
-tests/test_reply_pull.py fails if that changes.
+``pull`` asks the SuperLink only for the replies no pull holds yet (``PullMessages``, the same
+request ``HttpGrid`` makes), and pulls each reply's objects in a thread of its own, retrying
+after 20 ms backing off to 0.25 s and stopping at the exchange's deadline: a dead node's reply
+then becomes Flower's own error reply (``MESSAGE_UNAVAILABLE``), which the engine counts as
+missing, and costs no other reply anything. Each reply is taken as ``HttpGrid.pull_messages``
+takes it (the objects, the receipt confirmed, inflated, its message id set);
+tests/test_reply_pull.py fails if that function changes. The in-memory grid of a simulation
+pulls no objects and keeps its own ``pull_messages`` (task/engine/exchange.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from logging import ERROR
+
+import httpx
+from flwr.app import Message, Metadata
+from flwr.app.error import Error
+from flwr.app.message import make_message
+from flwr.common.constant import ErrorCode
+from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest, ObjectTree
+from flwr.proto.message_pb2 import Message as MessageProto
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest
+from flwr.supercore import log
+from flwr.supercore.constant import SYSTEM_MESSAGE_TYPE
+from flwr.supercore.date import now
+from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    inflate_object_from_contents,
+    pull_objects,
+)
+from flwr.superlink.grid.http_grid import ERROR_MESSAGE_PULL_MESSAGES_PAYLOAD_TOO_LARGE, HttpGrid
 
 INITIAL_BACKOFF_S, BACKOFF_CAP_S = 0.02, 0.25
-
-_deadline: float | None = None
-
-
-def pull_objects(object_ids: list[str], pull_object_fn: Callable[[str], bytes], **kwargs: Any
-                 ) -> dict[str, bytes]:
-    """Flower's ``pull_objects`` with a short backoff and, inside ``bounded``, at most the time
-    left until its deadline (an object still missing then: Flower's ``ObjectPullError``)."""
-    from flwr.supercore.inflatable import inflatable_utils
-
-    kwargs.setdefault("initial_backoff", INITIAL_BACKOFF_S)
-    kwargs.setdefault("backoff_cap", BACKOFF_CAP_S)
-    if _deadline is not None:
-        kwargs["max_time"] = max(0.0, _deadline - time.monotonic())
-    return inflatable_utils.pull_objects(object_ids, pull_object_fn, **kwargs)
+POLL_START_S, POLL_MAX_S = 0.005, 0.05
+MAX_REPLY_PULLS = 32  # replies whose objects are pulled at once (a dead node's holds one)
 
 
-@contextmanager
-def bounded(deadline: float) -> Iterator[None]:
-    """Within the block, the ServerApp's grid pulls reply objects until ``deadline``
-    (``time.monotonic()``) at most."""
-    global _deadline
-    from flwr.superlink.grid import http_grid
+def pull(grid: HttpGrid, pending: set[str], deadline: float) -> list[Message]:
+    """The replies to ``pending`` (each one's id taken out of it) until none is pending or
+    ``deadline`` (``time.monotonic()``)."""
+    replies: list[Message] = []
+    taken: dict[Future, str] = {}  # a reply's object pull -> the message it answers
+    delay = POLL_START_S
+    with ThreadPoolExecutor(MAX_REPLY_PULLS) as pool:
+        while pending and time.monotonic() < deadline:
+            asked = pending - set(taken.values())
+            headers = _headers(grid, asked)
+            for proto, tree in headers:
+                answered = proto.metadata.reply_to_message_id
+                if answered in asked:  # one pull per reply, of a message this exchange sent
+                    asked.discard(answered)
+                    taken[pool.submit(_reply, grid, proto, tree, deadline)] = answered
+            if taken:
+                done, _ = wait(taken, timeout=delay, return_when=FIRST_COMPLETED)
+            else:
+                done = set()
+                time.sleep(delay)
+            replies += _finished(done, taken, pending)
+            delay = POLL_START_S if headers or done else min(delay * 1.5, POLL_MAX_S)
+        # What a running pull reads by the deadline counts: each ends then (its wait is bounded).
+        replies += _finished(list(taken), taken, pending)
+    return replies
 
-    original, previous = http_grid.pull_objects, _deadline
-    http_grid.pull_objects, _deadline = pull_objects, deadline
+
+def _finished(done: Iterable[Future], taken: dict[Future, str], pending: set[str]) -> list[Message]:
+    """The replies of the ``done`` pulls that answer a pending message (taken out of both)."""
+    replies = []
+    for future in done:
+        answered = taken.pop(future)
+        if answered in pending:
+            pending.discard(answered)
+            replies.append(future.result())
+    return replies
+
+
+def _headers(grid: HttpGrid, ids: set[str]) -> list[tuple[MessageProto, ObjectTree]]:
+    """The SuperLink's replies to ``ids`` without their objects: (message proto, object tree)
+    pairs of the replies (``HttpGrid.pull_messages``' request)."""
+
+    if not ids:
+        return []
     try:
-        yield
-    finally:
-        http_grid.pull_objects, _deadline = original, previous
+        res = grid._runtime_client.PullMessages(PullAppMessagesRequest(message_ids=sorted(ids)))
+    except httpx.HTTPStatusError as err:
+        if err.response.status_code != httpx.codes.REQUEST_ENTITY_TOO_LARGE:
+            raise
+        log(ERROR, ERROR_MESSAGE_PULL_MESSAGES_PAYLOAD_TOO_LARGE)
+        return []
+    return list(zip(res.messages_list, res.message_object_trees, strict=True))
+
+
+def _reply(grid: HttpGrid, proto: MessageProto, tree: ObjectTree, deadline: float) -> Message:
+    """One reply, its objects pulled until ``deadline`` at most; Flower's error reply
+    (``MESSAGE_UNAVAILABLE``) when they do not all come."""
+
+    run_id, message_id = grid._run.run_id, proto.metadata.message_id
+    try:
+        contents = pull_objects(
+            [t.object_id for t in iterate_object_tree(tree)],
+            make_pull_object_fn_protobuf(pull_object_protobuf=grid._runtime_client.PullObject,
+                                         node=grid.node, run_id=run_id),
+            max_time=max(0.0, deadline - time.monotonic()),
+            initial_backoff=INITIAL_BACKOFF_S, backoff_cap=BACKOFF_CAP_S)
+    except ObjectPullError as err:
+        return _unavailable(grid, run_id, proto.metadata.reply_to_message_id, err)
+    grid._runtime_client.ConfirmMessageReceived(
+        ConfirmMessageReceivedRequest(node=grid.node, run_id=run_id, message_object_id=message_id))
+    message: Message = inflate_object_from_contents(message_id, contents)
+    message.metadata.__dict__["_message_id"] = message_id  # as Flower does: not in the objects
+    return message
+
+
+def _unavailable(grid: HttpGrid, run_id: int, reply_to: str, err: Exception) -> Message:
+    """Flower's error reply for a reply whose objects did not come (``HttpGrid``'s own words)."""
+
+    metadata = Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
+                        dst_node_id=grid.node.node_id, message_type=SYSTEM_MESSAGE_TYPE, group_id="",
+                        ttl=0, reply_to_message_id=reply_to, created_at=now().timestamp())
+    reason = ("Reply message objects are unavailable. The sender may not have completed the upload "
+              f"before the object-push session expired. {err}")
+    return make_message(metadata=metadata, error=Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason=reason))

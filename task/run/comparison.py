@@ -188,6 +188,15 @@ def plan(comparison: Comparison, user: list[str], out: Path, methods: list[str] 
     return jobs
 
 
+def run_folders(jobs: list[Job], suffix: str = "") -> dict[str, list[Path]]:
+    """The jobs' run folders by row label (``suffix`` after it): one summary row each, its
+    seeds' runs together."""
+    folders: dict[str, list[Path]] = {}
+    for job in jobs:
+        folders.setdefault(f"{job.label} {suffix}".strip(), []).append(job.directory)
+    return folders
+
+
 def table(comparison: Comparison, rows: list[dict], stand_in: bool, skipped: list[str],
           fmt: Callable[..., str], user: list[str] | None = None) -> str:
     """summary.md for a comparison: the sweep's columns with the paper's figure beside each row
@@ -244,19 +253,15 @@ def main(name: str, user: list[str], out: Path, methods: list[str] | None, stand
         print(f"pflower-sweep: {err}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    groups: dict[str, list[Path]] = {}
     failed: list[str] = []
-    for i, job in enumerate(jobs, 1):
-        groups.setdefault(job.label, []).append(job.directory)
-        if summarize_only:
-            continue
+    for i, job in enumerate([] if summarize_only else jobs, 1):
         try:
             if not sweep.run_one(job.overrides, job.directory, f"[{i}/{len(jobs)}]", run_job):
                 failed.append(f"{job.label} ({job.directory.name})")
         except KeyboardInterrupt:
             print("pflower-sweep: stopped; run the same command again to resume", file=sys.stderr)
             return 130
-    rows = sweep.summarize(groups, out)
+    rows = sweep.summarize(run_folders(jobs), out)
     skipped = [r.label for r in comparison.rows if not selected(r, methods)]
     (out / "summary.md").write_text(table(comparison, rows, stand_in, skipped, sweep._fmt, user))
     print((out / "summary.md").read_text())

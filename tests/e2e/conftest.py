@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# The tests that make network namespaces (fixed names) or start a dockerd (it rewrites the
+# host's firewall while it runs): under pytest-xdist (`-n 2 --dist loadgroup`, .ci/run) they
+# run one after the other on one worker, the rest of the suite beside them.
+NETWORK = pytest.mark.xdist_group("network")
+
+
+def namespaces_unavailable() -> str | None:
+    """Why network namespaces cannot be made here (None: they can)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return "needs root and `ip netns` (network namespaces)"
+    name = f"pfd-probe-{os.getpid()}"  # every pytest-xdist worker probes as it collects
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None if probe.returncode == 0 else f"`ip netns add` fails: {probe.stderr.strip()}"
 TINY = ("dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16 "
         "local_epochs=2")
 

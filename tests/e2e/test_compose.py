@@ -34,7 +34,7 @@ import pytest
 
 from deploy import compose, image, netns, pki
 
-from .conftest import ROOT
+from .conftest import NETWORK, ROOT
 
 NODES, VICTIM = 4, 3
 PROJECT = "pflowertest"
@@ -59,7 +59,7 @@ def unavailable() -> str | None:
 
 
 UNAVAILABLE = unavailable()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))]
+pytestmark = [pytest.mark.slow, NETWORK, pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))]
 
 
 @pytest.fixture(scope="module")

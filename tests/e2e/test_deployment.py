@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ import pytest
 from deploy import pki
 from task.core.state import META, state_digest
 
-from .conftest import ROOT
+from .conftest import NETWORK, ROOT, namespaces_unavailable
 
 NETNS = [sys.executable, str(ROOT / "deploy" / "netns.py")]
 NODES = 4
@@ -71,17 +70,8 @@ if _supernode:
 """
 
 
-def namespaces_unavailable() -> str | None:
-    """Why network namespaces cannot be made here (None: they can)."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return "needs root and `ip netns` (network namespaces)"
-    probe = subprocess.run(["ip", "netns", "add", "pfd-probe"], capture_output=True, text=True)
-    subprocess.run(["ip", "netns", "del", "pfd-probe"], capture_output=True)
-    return None if probe.returncode == 0 else f"`ip netns add` fails: {probe.stderr.strip()}"
-
-
 UNAVAILABLE = namespaces_unavailable()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))]
+pytestmark = [pytest.mark.slow, NETWORK, pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))]
 
 
 def netns(root: Path, *args: str, timeout: float = 180) -> str:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import NETWORK, ROOT, namespaces_unavailable
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, NETWORK]
 
 PREFIX = "pfr"  # namespaces pfr-*, bridge pfrbr0, veths pfrv*: apart from the deployment tests' names
 BRIDGE = f"{PREFIX}br0"
@@ -44,17 +44,6 @@ JOB = ("dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.im
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), check=check, capture_output=True, text=True)
-
-
-def namespaces_unavailable() -> str | None:
-    """Why network namespaces cannot be made here (None: they can)."""
-    if shutil.which("ip") is None:
-        return "no `ip` command"
-    if os.geteuid() != 0:
-        return "`ip netns` needs root"
-    probe = sh("ip", "netns", "add", f"{PREFIX}-probe", check=False)
-    sh("ip", "netns", "del", f"{PREFIX}-probe", check=False)
-    return None if probe.returncode == 0 else f"`ip netns add` failed: {probe.stderr.strip()}"
 
 
 class Hosts:
