@@ -12,24 +12,31 @@ killed while it uploads its reply (the header on the SuperLink, its objects neve
 - with that pull bounded by the deadline and more ``pull_messages`` calls started beside a
   stalled one, CI still lost all four clients of that round once: every later call asked for
   the dead reply's id again and stalled as well, and none was left to read the others;
+- with each reply pulled in a thread of its own until the deadline, the suite under load once
+  saw that one pull outlast the deadline: it ended ~180 s after the kill ("the object could
+  not be found": the SuperLink had expired the upload session) and held the round as long;
 - a reply whose header is pulled a moment before its objects arrive waits a whole second.
 
 ``pull`` asks the SuperLink only for the replies no pull holds yet (``PullMessages``, the same
-request ``HttpGrid`` makes), and pulls each reply's objects in a thread of its own, retrying
-after 20 ms backing off to 0.25 s and stopping at the exchange's deadline: a dead node's reply
+request ``HttpGrid`` makes), and pulls each reply's objects in a daemon thread of its own,
+retrying after 20 ms backing off to 0.25 s until the exchange's deadline: a dead node's reply
 then becomes Flower's own error reply (``MESSAGE_UNAVAILABLE``), which the engine counts as
-missing, and costs no other reply anything. Each reply is taken as ``HttpGrid.pull_messages``
-takes it (the objects, the receipt confirmed, inflated, its message id set);
-tests/test_reply_pull.py fails if that function changes. The in-memory grid of a simulation
-pulls no objects and keeps its own ``pull_messages`` (task/engine/exchange.py).
+missing, and costs no other reply anything. ``GRACE_S`` after the deadline the exchange ends,
+whatever a pull still waits on: that reply is missing (late), its thread left to end alone. Each
+reply is taken as ``HttpGrid.pull_messages`` takes it (the objects, the receipt confirmed,
+inflated, its message id set); tests/test_reply_pull.py fails if that function changes. The
+in-memory grid of a simulation pulls no objects and keeps its own ``pull_messages``
+(task/engine/exchange.py).
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from logging import ERROR
+from typing import Any
 
 import httpx
 from flwr.app import Message, Metadata
@@ -53,34 +60,51 @@ from flwr.superlink.grid.http_grid import ERROR_MESSAGE_PULL_MESSAGES_PAYLOAD_TO
 
 INITIAL_BACKOFF_S, BACKOFF_CAP_S = 0.02, 0.25
 POLL_START_S, POLL_MAX_S = 0.005, 0.05
-MAX_REPLY_PULLS = 32  # replies whose objects are pulled at once (a dead node's holds one)
+GRACE_S = 0.5  # after the deadline, for the pulls that end at it
 
 
 def pull(grid: HttpGrid, pending: set[str], deadline: float) -> list[Message]:
     """The replies to ``pending`` (each one's id taken out of it) until none is pending or
-    ``deadline`` (``time.monotonic()``)."""
+    ``deadline`` (``time.monotonic()``); a reply still being pulled ``GRACE_S`` later is left
+    to its thread and missing (late) here, whatever holds it."""
     replies: list[Message] = []
     taken: dict[Future, str] = {}  # a reply's object pull -> the message it answers
     delay = POLL_START_S
-    with ThreadPoolExecutor(MAX_REPLY_PULLS) as pool:
-        while pending and time.monotonic() < deadline:
-            asked = pending - set(taken.values())
-            headers = _headers(grid, asked)
-            for proto, tree in headers:
-                answered = proto.metadata.reply_to_message_id
-                if answered in asked:  # one pull per reply, of a message this exchange sent
-                    asked.discard(answered)
-                    taken[pool.submit(_reply, grid, proto, tree, deadline)] = answered
-            if taken:
-                done, _ = wait(taken, timeout=delay, return_when=FIRST_COMPLETED)
-            else:
-                done = set()
-                time.sleep(delay)
-            replies += _finished(done, taken, pending)
-            delay = POLL_START_S if headers or done else min(delay * 1.5, POLL_MAX_S)
-        # What a running pull reads by the deadline counts: each ends then (its wait is bounded).
-        replies += _finished(list(taken), taken, pending)
-    return replies
+    while pending and time.monotonic() < deadline:
+        asked = pending - set(taken.values())
+        headers = _headers(grid, asked)
+        for proto, tree in headers:
+            answered = proto.metadata.reply_to_message_id
+            if answered in asked:  # one pull per reply, of a message this exchange sent
+                asked.discard(answered)
+                taken[_in_thread(_reply, grid, proto, tree, deadline)] = answered
+        if taken:
+            done, _ = wait(taken, timeout=min(delay, max(0.0, deadline - time.monotonic())),
+                           return_when=FIRST_COMPLETED)
+        else:
+            done = set()
+            time.sleep(delay)
+        replies += _finished(done, taken, pending)
+        delay = POLL_START_S if headers or done else min(delay * 1.5, POLL_MAX_S)
+    # The pulls bounded by the deadline end there: a moment's grace counts them (a dead node's
+    # error reply names why); one that hangs on is left to its thread.
+    done, _ = wait(taken, timeout=GRACE_S) if taken else (set(), set())
+    return replies + _finished(done, taken, pending)
+
+
+def _in_thread(function: Callable[..., Message], *args: Any) -> Future:
+    """``function(*args)`` in a daemon thread of its own: one that outlives the round (an HTTP
+    call that hangs) holds neither the round nor the process's exit."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as err:  # noqa: BLE001 -- handed to the Future's reader
+            future.set_exception(err)
+
+    threading.Thread(target=run, daemon=True, name="pflower-reply-pull").start()
+    return future
 
 
 def _finished(done: Iterable[Future], taken: dict[Future, str], pending: set[str]) -> list[Message]:
