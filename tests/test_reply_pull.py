@@ -210,3 +210,25 @@ def test_a_pull_that_hangs_past_the_deadline_holds_neither_the_exchange_nor_the_
     pairs, late = exchange(grid, sent, 1.0, bundled=False)
     assert time.monotonic() - started < 1.0 + reply_pull.GRACE_S + 0.5
     assert late == 1 and [int(s.content.config_records["config"]["client-id"]) for s, _ in pairs] == [1]
+
+
+def test_a_headers_call_the_superlink_holds_does_not_hold_the_exchange():
+    class HoldingLink(FakeLink):
+        calls = 0
+
+        def PullMessages(self, request):  # noqa: N802 -- answers once, then hangs
+            self.calls += 1
+            if self.calls > 1:
+                time.sleep(5)
+            return super().PullMessages(request)
+
+    link = HoldingLink()
+    grid, sent = Grid(link), messages(3)
+    grid.push_messages(sent)
+    link.reply(sent[0], withheld=True)  # its node died uploading; client 2 never answers
+    link.reply(sent[1])
+    started = time.monotonic()
+    pairs, late = exchange(grid, sent, 1.0, bundled=False)
+    assert time.monotonic() - started < 1.0 + reply_pull.GRACE_S + 0.5
+    by_client = {int(s.content.config_records["config"]["client-id"]): r for s, r in pairs}
+    assert late == 1 and sorted(by_client) == [0, 1] and by_client[0].has_error()

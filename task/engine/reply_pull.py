@@ -12,13 +12,15 @@ killed while it uploads its reply (the header on the SuperLink, its objects neve
 - with that pull bounded by the deadline and more ``pull_messages`` calls started beside a
   stalled one, CI still lost all four clients of that round once: every later call asked for
   the dead reply's id again and stalled as well, and none was left to read the others;
-- with each reply pulled in a thread of its own until the deadline, the suite under load once
-  saw that one pull outlast the deadline: it ended ~180 s after the kill ("the object could
-  not be found": the SuperLink had expired the upload session) and held the round as long;
+- with each reply pulled in a thread of its own until the deadline, the suite under load twice
+  saw round 2 take ~190 s: the dead reply's pull ended only as the SuperLink expired the
+  upload session ("the object could not be found"), though Flower's pull stops at its
+  ``max_time`` between tries: a call to the SuperLink did not return for minutes;
 - a reply whose header is pulled a moment before its objects arrive waits a whole second.
 
 ``pull`` asks the SuperLink only for the replies no pull holds yet (``PullMessages``, the same
-request ``HttpGrid`` makes), and pulls each reply's objects in a daemon thread of its own,
+request ``HttpGrid`` makes, in a thread: a SuperLink that holds that call must not hold the
+round either), and pulls each reply's objects in a daemon thread of its own,
 retrying after 20 ms backing off to 0.25 s until the exchange's deadline: a dead node's reply
 then becomes Flower's own error reply (``MESSAGE_UNAVAILABLE``), which the engine counts as
 missing, and costs no other reply anything. ``GRACE_S`` after the deadline the exchange ends,
@@ -34,7 +36,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, wait
 from logging import ERROR
 from typing import Any
 
@@ -65,34 +67,52 @@ GRACE_S = 0.5  # after the deadline, for the pulls that end at it
 
 def pull(grid: HttpGrid, pending: set[str], deadline: float) -> list[Message]:
     """The replies to ``pending`` (each one's id taken out of it) until none is pending or
-    ``deadline`` (``time.monotonic()``); a reply still being pulled ``GRACE_S`` later is left
-    to its thread and missing (late) here, whatever holds it."""
+    ``deadline`` (``time.monotonic()``). Every call to the SuperLink runs in a thread of its
+    own: a reply still being pulled ``GRACE_S`` after the deadline is left to its thread and
+    missing (late) here, and so is a headers call that hangs, whatever holds it."""
     replies: list[Message] = []
     taken: dict[Future, str] = {}  # a reply's object pull -> the message it answers
-    delay = POLL_START_S
+    asking: tuple[Future, set[str]] | None = None  # the headers call in flight, what it asks for
+    delay, next_ask = POLL_START_S, 0.0
     while pending and time.monotonic() < deadline:
-        asked = pending - set(taken.values())
-        headers = _headers(grid, asked)
-        for proto, tree in headers:
-            answered = proto.metadata.reply_to_message_id
-            if answered in asked:  # one pull per reply, of a message this exchange sent
-                asked.discard(answered)
-                taken[_in_thread(_reply, grid, proto, tree, deadline)] = answered
-        if taken:
-            done, _ = wait(taken, timeout=min(delay, max(0.0, deadline - time.monotonic())),
-                           return_when=FIRST_COMPLETED)
-        else:
-            done = set()
-            time.sleep(delay)
-        replies += _finished(done, taken, pending)
-        delay = POLL_START_S if headers or done else min(delay * 1.5, POLL_MAX_S)
+        if asking is None and time.monotonic() >= next_ask and (asked := pending - set(taken.values())):
+            asking = (_in_thread(_headers, grid, asked), asked)
+        waiting = [*taken, asking[0]] if asking else list(taken)
+        done = _wait(waiting, min(delay, deadline - time.monotonic()))
+        if asking is not None and asking[0] in done:
+            fresh = _take(asking[0].result(), asking[1], taken, grid, deadline)
+            asking = None
+            delay = POLL_START_S if fresh else min(delay * 1.5, POLL_MAX_S)
+            next_ask = time.monotonic() + (0.0 if fresh else delay)
+        replies += _finished([f for f in done if f in taken], taken, pending)
     # The pulls bounded by the deadline end there: a moment's grace counts them (a dead node's
     # error reply names why); one that hangs on is left to its thread.
-    done, _ = wait(taken, timeout=GRACE_S) if taken else (set(), set())
-    return replies + _finished(done, taken, pending)
+    return replies + _finished(_wait(list(taken), GRACE_S, every=True), taken, pending)
 
 
-def _in_thread(function: Callable[..., Message], *args: Any) -> Future:
+def _take(headers: list[tuple[MessageProto, ObjectTree]], asked: set[str], taken: dict[Future, str],
+          grid: HttpGrid, deadline: float) -> int:
+    """Start the object pull of each header that answers an ``asked`` message, once; how many."""
+    fresh = 0
+    for proto, tree in headers:
+        answered = proto.metadata.reply_to_message_id
+        if answered in asked and answered not in taken.values():
+            taken[_in_thread(_reply, grid, proto, tree, deadline)] = answered
+            fresh += 1
+    return fresh
+
+
+def _wait(futures: list[Future], timeout: float, every: bool = False) -> set[Future]:
+    """The ``futures`` done within ``timeout`` s: as soon as one is (all of them: ``every``)."""
+    if not futures:
+        if not every:
+            time.sleep(max(0.0, timeout))
+        return set()
+    when = ALL_COMPLETED if every else FIRST_COMPLETED
+    return wait(futures, timeout=max(0.0, timeout), return_when=when)[0]
+
+
+def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
     """``function(*args)`` in a daemon thread of its own: one that outlives the round (an HTTP
     call that hangs) holds neither the round nor the process's exit."""
     future: Future = Future()
