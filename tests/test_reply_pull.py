@@ -232,3 +232,24 @@ def test_a_headers_call_the_superlink_holds_does_not_hold_the_exchange():
     assert time.monotonic() - started < 1.0 + reply_pull.GRACE_S + 0.5
     by_client = {int(s.content.config_records["config"]["client-id"]): r for s, r in pairs}
     assert late == 1 and sorted(by_client) == [0, 1] and by_client[0].has_error()
+
+
+def test_replies_asked_for_beside_a_call_the_dead_reply_holds_are_read_one_by_one():
+    class DeadHoldsLink(FakeLink):
+        def PullMessages(self, request):  # noqa: N802 -- a call that would return the dead reply hangs
+            if self.dead in request.message_ids and self.dead in self.replies:
+                time.sleep(5)
+            return super().PullMessages(request)
+
+    link = DeadHoldsLink()
+    grid, sent = Grid(link), messages(3)
+    grid.push_messages(sent)
+    link.dead = sent[0].metadata.message_id
+    link.reply(sent[0], withheld=True)
+    for m in (1, 2):  # the others answer after the first call is held
+        threading.Timer(0.3, link.reply, (sent[m],)).start()
+    started = time.monotonic()
+    pairs, late = exchange(grid, sent, 2.0, bundled=False)
+    assert time.monotonic() - started < 2.0 + reply_pull.GRACE_S + 0.5
+    answered = sorted(int(s.content.config_records["config"]["client-id"]) for s, _ in pairs)
+    assert late == 1 and answered == [1, 2]

@@ -20,7 +20,9 @@ killed while it uploads its reply (the header on the SuperLink, its objects neve
 
 ``pull`` asks the SuperLink only for the replies no pull holds yet (``PullMessages``, the same
 request ``HttpGrid`` makes, in a thread: a SuperLink that holds that call must not hold the
-round either), and pulls each reply's objects in a daemon thread of its own,
+round either; once such a call has run ``STALL_S``, the replies it asked for are asked for one
+by one beside it, so a hold that comes with one reply holds only that one), and pulls each
+reply's objects in a daemon thread of its own,
 retrying after 20 ms backing off to 0.25 s until the exchange's deadline: a dead node's reply
 then becomes Flower's own error reply (``MESSAGE_UNAVAILABLE``), which the engine counts as
 missing, and costs no other reply anything. ``GRACE_S`` after the deadline the exchange ends,
@@ -63,27 +65,39 @@ from flwr.superlink.grid.http_grid import ERROR_MESSAGE_PULL_MESSAGES_PAYLOAD_TO
 INITIAL_BACKOFF_S, BACKOFF_CAP_S = 0.02, 0.25
 POLL_START_S, POLL_MAX_S = 0.005, 0.05
 GRACE_S = 0.5  # after the deadline, for the pulls that end at it
+STALL_S = 0.5  # a headers call running this long: its replies are asked for one by one
 
 
 def pull(grid: HttpGrid, pending: set[str], deadline: float) -> list[Message]:
     """The replies to ``pending`` (each one's id taken out of it) until none is pending or
     ``deadline`` (``time.monotonic()``). Every call to the SuperLink runs in a thread of its
     own: a reply still being pulled ``GRACE_S`` after the deadline is left to its thread and
-    missing (late) here, and so is a headers call that hangs, whatever holds it."""
+    missing (late) here, and so is a headers call that hangs, whatever holds it. Once a headers
+    call has run ``STALL_S``, the replies it asked for are asked for one by one beside it."""
     replies: list[Message] = []
     taken: dict[Future, str] = {}  # a reply's object pull -> the message it answers
-    asking: tuple[Future, set[str]] | None = None  # the headers call in flight, what it asks for
+    asking: dict[Future, tuple[set[str], float]] = {}  # headers calls: what each asks, since when
     delay, next_ask = POLL_START_S, 0.0
+    next_single: dict[str, float] = {}  # a reply asked for alone: not again before
     while pending and time.monotonic() < deadline:
-        if asking is None and time.monotonic() >= next_ask and (asked := pending - set(taken.values())):
-            asking = (_in_thread(_headers, grid, asked), asked)
-        waiting = [*taken, asking[0]] if asking else list(taken)
-        done = _wait(waiting, min(delay, deadline - time.monotonic()))
-        if asking is not None and asking[0] in done:
-            fresh = _take(asking[0].result(), asking[1], taken, grid, deadline)
-            asking = None
-            delay = POLL_START_S if fresh else min(delay * 1.5, POLL_MAX_S)
-            next_ask = time.monotonic() + (0.0 if fresh else delay)
+        now, wanted = time.monotonic(), pending - set(taken.values())
+        if not asking and now >= next_ask and wanted:
+            asking[_in_thread(_headers, grid, wanted)] = (wanted, now)
+        elif any(now - since > STALL_S for _, since in asking.values()):
+            covered = set().union(*(ids for ids, since in asking.values()
+                                    if len(ids) == 1 or now - since <= STALL_S))
+            for one in wanted - covered:
+                if now >= next_single.get(one, 0.0):
+                    asking[_in_thread(_headers, grid, {one})] = ({one}, now)
+        done = _wait([*taken, *asking], min(delay, deadline - time.monotonic()))
+        for call in [f for f in done if f in asking]:
+            asked, _ = asking.pop(call)
+            fresh = _take(call.result(), asked, taken, grid, deadline)
+            if len(asked) == 1 and not fresh:
+                next_single[next(iter(asked))] = time.monotonic() + BACKOFF_CAP_S
+            elif len(asked) > 1:
+                delay = POLL_START_S if fresh else min(delay * 1.5, POLL_MAX_S)
+                next_ask = time.monotonic() + (0.0 if fresh else delay)
         replies += _finished([f for f in done if f in taken], taken, pending)
     # The pulls bounded by the deadline end there: a moment's grace counts them (a dead node's
     # error reply names why); one that hangs on is left to its thread.
