@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+TINY = ("dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16 "
+        "local_epochs=2")
 # The tests that make network namespaces (fixed names) or start a dockerd (it rewrites the
 # host's firewall while it runs): under pytest-xdist (`-n 2 --dist loadgroup`, .ci/run) they
 # run one after the other on one worker, the rest of the suite beside them.
@@ -33,8 +35,6 @@ def namespaces_unavailable() -> str | None:
     probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return None if probe.returncode == 0 else f"`ip netns add` fails: {probe.stderr.strip()}"
-TINY = ("dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16 "
-        "local_epochs=2")
 
 
 def _pids_matching(pattern: str) -> list[int]:
