@@ -21,9 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ("dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16 "
         "local_epochs=2")
-# The tests that make network namespaces (fixed names) or start a dockerd (it rewrites the
-# host's firewall while it runs): under pytest-xdist (`-n 2 --dist loadgroup`, .ci/run) they
-# run one after the other on one worker, the rest of the suite beside them.
+# The tests that make network namespaces (fixed names) or start a dockerd (it saves the host's
+# firewall as it starts and restores it as it stops): under `pytest -n 2 --dist loadgroup` they
+# run one after the other on one worker. .ci/run runs all of tests/e2e on one worker.
 NETWORK = pytest.mark.xdist_group("network")
 
 
