@@ -24,9 +24,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Under ``-n 2 --dist loadgroup`` the tests of one ``xdist_group`` must run on one worker
     (.ci/run runs tests/e2e on one worker anyway): tests/e2e's network tests make namespaces of
     fixed names and start a dockerd that saves and restores the firewall, so two at once break
-    each other. pytest-xdist 3.8 names the group
-    in ``item._nodeid``, which pytest 9.2 no longer reads (pyproject.toml keeps pytest < 9.2):
-    a group that did not reach the id fails the run here instead of running tests side by side."""
+    each other. pytest-xdist 3.8 names the group in ``item._nodeid``, which pytest 9.2 no longer
+    reads (pyproject.toml keeps pytest < 9.2): a group that did not reach the id fails the run
+    here instead of running tests side by side."""
     if not getattr(config.option, "loadgroup", False):
         return
     lost = [item.nodeid for item in items
