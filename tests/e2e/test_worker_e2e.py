@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import NETWORK, ROOT
-from .test_deployment import NETNS, NODES, TINY, UNAVAILABLE, _saved_states, netns
+from .test_deployment import NETNS, NODES, TINY, UNAVAILABLE, UP, _saved_states, netns
 
 pytestmark = [pytest.mark.slow, NETWORK, pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))]
 BASE = f"{TINY} strategy=ditto local_epochs=1"
@@ -76,7 +76,7 @@ def reference(tmp_path_factory):
     """Ditto on Flower's default isolation: its rows and the personal states it left."""
     root = tmp_path_factory.mktemp("subprocess").resolve() / "deployment"
     try:
-        netns(root, "up", "--nodes", str(NODES), "--isolation", "subprocess")
+        netns(root, *UP, "--isolation", "subprocess")
         rows = flwr_run(root, ROOT, root / "run", DITTO)
         return rows, states(root)
     finally:
@@ -87,7 +87,7 @@ def reference(tmp_path_factory):
 def lab(tmp_path_factory):  # requested after ``reference``, whose deployment is down by then
     root = tmp_path_factory.mktemp("worker").resolve() / "deployment"
     try:
-        netns(root, "up", "--nodes", str(NODES))
+        netns(root, *UP)
         yield root
     finally:
         down(root)
