@@ -11,6 +11,7 @@ from task.data.load import load_federation
 from task.run.config import compose_config
 
 TINY = "dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16"
+RUN_TINY = f"{TINY} local_epochs=2"  # the whole-run tests' job (in-process and tests/e2e)
 
 
 def tiny_cfg(extra: str = ""):

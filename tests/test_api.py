@@ -1,5 +1,5 @@
 """pflower's Python API (pflower/api.py): the forms overrides take, and bad input refused
-before anything runs. A whole run through it: tests/e2e/test_examples.py."""
+before anything runs. A whole run through it: tests/test_examples.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The seed papers' comparison files (conf/comparison/) and `pflower-sweep --comparison`'s refusals
-(no job runs here; tests/e2e/test_comparison_e2e.py runs one for real)."""
+(no job runs here; tests/test_comparison_run.py runs one for real)."""
 
 from __future__ import annotations
 

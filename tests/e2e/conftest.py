@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers import RUN_TINY as TINY  # noqa: F401 - the e2e tests import it from here
+
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ("dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16 "
-        "local_epochs=2")
 # The tests that make network namespaces (fixed names) or start a dockerd (it saves the host's
 # firewall as it starts and restores it as it stops): under `pytest -n 2 --dist loadgroup` they
 # run one after the other on one worker. .ci/run runs all of tests/e2e on one worker.

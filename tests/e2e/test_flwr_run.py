@@ -1,56 +1,19 @@
-"""Every baseline's outputs, the default federation through `flwr run`, and a bad federation.
+"""The default federation through `flwr run`: Flower's 2 SuperNodes, each hosting half the clients.
 
-What a baseline writes and reports is checked in-process (the real ServerApp and ClientApp
-handlers over ``tests/fake_grid.py``, every message through Flower's protobuf encoding): it
-does not depend on the transport, and a `flwr run` per baseline cost ~25 s of start-up each.
-The one `flwr run` here (Flower's default federation) asserts the same outputs, plus what
-only a real run shows: the determinism key applied in every ClientApp process. The other e2e
-files run pfml, fedclup, fedslr, clustered, ifca, ditto and fedavg through `flwr run` on 4 or
-8 SuperNodes.
+What a baseline writes and reports is checked in-process (tests/test_baseline_runs.py); this
+`flwr run` asserts the same outputs, plus what only a real run shows: the determinism key
+applied in every ClientApp process. The other e2e files run ditto, lgmix, clustered and fedavg
+through `flwr run` on 4 or 8 SuperNodes, and through deployments.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-from ..fake_grid import InProcessRunner
+from ..test_baseline_runs import check_outputs
 from .conftest import TINY
 
 pytestmark = pytest.mark.slow
-
-BASELINES = ["fedavg", "fedavg_ft", "fedprox", "fedbn", "local", "ditto", "fedper", "fedrep", "fedbabu",
-             "lgfedavg", "apfl", "fedrod", "fml"]
-
-
-def check_outputs(out: Path, results: dict, strategy: str) -> None:
-    """What every two-round run writes: files, one metrics row a round, results above chance."""
-    for name in ("config.yaml", "metrics.jsonl", "results.json", "accuracy.png"):
-        assert (out / name).stat().st_size > 0, name
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
-    for row in rows:
-        assert {"train_loss", "personalized_accuracy", "global_accuracy", "bytes_up", "bytes_down",
-                "seconds"} <= set(row)
-    final = results["last_evaluated_round"]["personalized_accuracy"]
-    assert 0.0 <= final["worst"] <= final["mean"] <= 1.0
-    assert final["mean"] > 0.25  # chance is 0.1 on ten digit classes
-    assert sorted(results["per_client_accuracy"]) == ["0", "1", "2", "3"]
-    assert results["wall_seconds"] > 0
-    if strategy == "local":  # nothing is aggregated: no model travels either way
-        assert results["bytes_up"] == 0 and results["bytes_down"] == 0
-    else:  # every sampled client is sent the model it uploads again; evaluation's bytes apart
-        assert results["bytes_up"] > 0 and results["bytes_down"] >= results["bytes_up"]
-        assert results["eval_bytes_down"] > 0
-
-
-@pytest.mark.parametrize("strategy", BASELINES)
-def test_two_rounds_write_every_output(tmp_path, strategy):
-    runner = InProcessRunner(tmp_path)
-    out = runner.run(strategy, f"{TINY} strategy={strategy} num_rounds=2")
-    check_outputs(out, runner.results(out), strategy)
 
 
 def test_plain_flwr_run_with_the_default_two_supernodes(flwr_runner):
@@ -61,11 +24,3 @@ def test_plain_flwr_run_with_the_default_two_supernodes(flwr_runner):
     assert ("deterministic algorithms on in the ServerApp, on in 2 of 2 ClientApp nodes"
             in flwr_runner.last_log)
     check_outputs(out, flwr_runner.results(out), "ditto")
-
-
-def test_more_supernodes_than_clients_is_a_clear_error(tmp_path):
-    runner = InProcessRunner(tmp_path)
-    out = runner.run("wrong-size", f"{TINY} strategy=fedavg num_rounds=1 node_wait_timeout=60",
-                     num_supernodes=5, check=False)
-    assert "num-partitions=5, but the config's federation has 4 clients" in runner.last_log
-    assert not (out / "results.json").exists()

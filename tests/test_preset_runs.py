@@ -13,7 +13,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ..fake_grid import InProcessRunner
+from .fake_grid import InProcessRunner
 
 pytestmark = pytest.mark.slow
 
