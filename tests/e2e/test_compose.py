@@ -35,11 +35,11 @@ import pytest
 
 from deploy import compose, image, netns, pki
 
+from ..helpers import TINY
 from .conftest import NETWORK, ROOT
 
 NODES, VICTIM = 4, 3
 PROJECT = "pflowertest"
-TINY = "dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16"
 UID = os.getuid() or 1000  # as root, the containers run as a non-root user all the same
 
 

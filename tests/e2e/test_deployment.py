@@ -45,12 +45,12 @@ import pytest
 from deploy import pki
 from task.core.state import META, state_digest
 
+from ..helpers import TINY as DATA
 from .conftest import NETWORK, ROOT, namespaces_unavailable
 
 NETNS = [sys.executable, str(ROOT / "deploy" / "netns.py")]
 NODES = 4
-TINY = ("dataset.domains=[plain,inverted] dataset.clients_per_domain=2 dataset.image_size=16 "
-        "model=mlp model.hidden=32")
+TINY = f"{DATA} model=mlp model.hidden=32"
 UP = ("up", "--nodes", str(NODES), "--superlink-db", "memory")
 # A healthy round of this job (four nodes on 2 cores) takes ~4-12 s. The
 # round with the killed node ends sooner than this: once the node misses its heartbeats (~20 s,

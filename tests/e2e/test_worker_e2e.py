@@ -64,10 +64,15 @@ def rows_of(out: Path, log: Path, timeout: float = 600) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def states(lab: Path) -> dict[int, dict[str, tuple[int, str]]]:
+def states(state_dirs: dict[int, Path]) -> dict[int, dict[str, tuple[int, str]]]:
     """Per client, its state files' (round, digest), keyed by file name."""
-    saved = {c: _saved_states(lab / f"node-{c}" / "state" / f"client-{c}") for c in range(NODES)}
+    saved = {c: _saved_states(folder) for c, folder in state_dirs.items()}
     return {c: {Path(k).name: v for k, v in files.items()} for c, files in saved.items()}
+
+
+def node_states(lab: Path) -> dict[int, dict[str, tuple[int, str]]]:
+    """``states`` of every client, in its node's state directory."""
+    return states({c: lab / f"node-{c}" / "state" / f"client-{c}" for c in range(NODES)})
 
 
 def down(root: Path) -> None:
@@ -83,8 +88,7 @@ def reference(tmp_path_factory):
     runner = InProcessRunner(root)
     out = runner.run("run", f"{DITTO} client_state_dir={root / 'state'}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    saved = {c: _saved_states(root / "state" / f"client-{c}") for c in range(NODES)}
-    return rows, {c: {Path(k).name: v for k, v in files.items()} for c, files in saved.items()}
+    return rows, states({c: root / "state" / f"client-{c}" for c in range(NODES)})
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +110,7 @@ def test_worker_gives_what_the_in_process_run_gives(reference, lab):
     ref_rows, ref_states = reference
     assert [{k: v for k, v in r.items() if k not in VARYING} for r in rows] == \
            [{k: v for k, v in r.items() if k not in VARYING} for r in ref_rows]
-    assert states(lab) == ref_states and all(ref_states.values())
+    assert node_states(lab) == ref_states and all(ref_states.values())
     for node in range(NODES):  # one worker process ran every message of the node
         text = node_log(lab, node)
         assert text.count("serving ClientApp tasks") == 1, text[-3000:]
