@@ -3,6 +3,7 @@
     python deploy/image.py base                  # a Debian bookworm base: debootstrap + docker import
     python deploy/image.py wheels --torch cpu    # docker/wheels/: every dependency, CI's pins
     python deploy/image.py build --base pflower-base:bookworm
+    python deploy/image.py prepare --tag pflower:compose-test   # all three, on a daemon of its own
 
 ``base``: ``debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates
 bookworm`` from the Debian mirror apt's own sources name (~3.5 min, 275 MB), imported as
@@ -14,9 +15,14 @@ dependencies and the build backend into docker/wheels/, with ``constraints.txt``
 them with ``--no-index``: no container ever reaches the index. Both are cached under
 ``~/.cache/pflower-docker`` (``PFLOWER_DOCKER_CACHE``), so a second build is quick.
 
+``prepare``: base, wheels and build on a ``Dockerd`` started and stopped for it, whose data root
+is the cache: what a later ``Dockerd`` (tests/e2e/test_compose.py's) finds built. .ci/run runs
+it in the background while the other tests run.
+
 ``Dockerd`` starts a daemon of its own (its data root and socket under a directory of its own,
 ``--iptables=false --ip-forward=false --bridge=none``: it writes no firewall rule and changes
-no sysctl) and, when stopped, restores what it finds changed anyway: the iptables rules, the
+no sysctl; one at a time on a data root: ``start`` waits for the one before to stop) and, when
+stopped, restores what it finds changed anyway: the iptables rules, the
 forwarding and bridge-netfilter sysctls (a default dockerd sets FORWARD to DROP and turns
 bridge netfilter on, which cuts the namespace deployment and a Ray cluster off).
 """
@@ -25,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,13 +118,15 @@ class Dockerd:
         self.proc: subprocess.Popen | None = None
         self.saved: dict = {}
         self.restored: list[str] = []
+        self.lock: int | None = None
 
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "DOCKER_HOST": f"unix://{self.sock}", "COMPOSE_DOCKER_CLI_BUILD": "0"}
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, lock_timeout: float = 1800) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_data_root(lock_timeout)
         self.saved = network_state()
         log = (self.root / "dockerd.log").open("ab")
         self.proc = subprocess.Popen(
@@ -131,6 +141,22 @@ class Dockerd:
                 tail = (self.root / "dockerd.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"dockerd did not start:\n{tail}")
             time.sleep(0.5)
+
+    def _lock_data_root(self, timeout: float) -> None:
+        """Two daemons on one data root corrupt it: wait for the other (``prepare`` in .ci/run)."""
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.lock = os.open(self.data.with_name(self.data.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.lock)
+                    self.lock = None
+                    raise RuntimeError(f"another dockerd holds {self.data} after {timeout:.0f} s") from None
+                time.sleep(1)
 
     def docker(self, *args: str, timeout: float = 1800, **kw) -> subprocess.CompletedProcess:
         return run("docker", *args, env=self.env, timeout=timeout, **kw)
@@ -147,6 +173,9 @@ class Dockerd:
             self.restored = restore(self.saved)
         with contextlib.suppress(OSError):
             subprocess.run(["umount", "-R", str(self.root / "exec")], capture_output=True)
+        if self.lock is not None:  # closing the descriptor releases the lock
+            os.close(self.lock)
+            self.lock = None
 
 
 # --- base image, wheels, build -------------------------------------------------------------------
@@ -241,6 +270,20 @@ def build(daemon: Dockerd, base: str, tag: str = "pflower:latest") -> str:
     return tag
 
 
+def prepare(tag: str, torch: str = "cpu") -> str:
+    """Base, wheels and ``tag`` built on a daemon of our own, stopped again: the cache warmed."""
+    root = Path(tempfile.mkdtemp(prefix="pfd-prep-", dir="/tmp"))  # a short socket path
+    daemon = Dockerd(root)
+    daemon.start()
+    try:
+        base = make_base(daemon)
+        prepare_wheels(torch)
+        return build(daemon, base, tag)
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,7 +293,13 @@ def main() -> None:
     p_build = sub.add_parser("build", help="docker build (with the wheels in docker/wheels/)")
     p_build.add_argument("--base", default="python:3.11-slim")
     p_build.add_argument("--tag", default="pflower:latest")
+    p_prep = sub.add_parser("prepare", help="base, wheels and build on a Docker daemon started here")
+    p_prep.add_argument("--tag", default="pflower:latest")
+    p_prep.add_argument("--torch", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
+    if args.command == "prepare":
+        print(prepare(args.tag, args.torch))
+        return
     # The user's own daemon (DOCKER_HOST or the default socket), not one started here.
     daemon = Dockerd(Path("/nonexistent"))
     daemon.sock = Path(os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock").removeprefix("unix://"))

@@ -3,9 +3,11 @@
 The image is built offline (deploy/image.py): a Debian base made with debootstrap and imported
 (cached in ~/.cache/pflower-docker), the dependencies from wheels downloaded on the host and
 installed with ``--no-index`` under CI's pins (the CPU torch of pip's ``find-links``
-directory). The compose file is the one deploy/compose.py writes as docker/compose.yaml, for
-4 SuperNodes instead of 10 (the tiny job's 4 clients) and with the repository's absolute path
-as build context. What a lab relies on, in one pass:
+directory); .ci/run builds it in the background while the other tests run
+(``deploy/image.py prepare``). The compose file is the one deploy/compose.py writes as
+docker/compose.yaml, for 4 SuperNodes instead of 10 (the tiny job's 4 clients), with the
+repository's absolute path as build context and the SuperNodes' 10 s heartbeat of
+tests/e2e/test_deployment.py (mounted, not in the image). What a lab relies on, in one pass:
 
 - SuperLink, ``register`` and 4 SuperNodes (each with its long-lived ClientApp worker) with
   TLS and SuperNode authentication; a job submitted with ``flwr run`` from the host to the
@@ -32,11 +34,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from deploy import compose, image, netns, pki
 
 from ..helpers import TINY
 from .conftest import NETWORK, ROOT
+from .test_deployment import HEARTBEAT_10S
 
 NODES, VICTIM = 4, 3
 PROJECT = "pflowertest"
@@ -111,13 +115,28 @@ class Stack:
                        f"{count} SuperNodes are not online")
 
 
+def with_10s_heartbeat(text: str, work: Path) -> str:
+    """The compose file with tests/e2e/test_deployment.py's ``sitecustomize`` on the SuperNodes'
+    PYTHONPATH (a read-only mount): a killed node is marked offline after ~20 s, not ~60 s.
+    Only the nodes' heartbeat changes; the image and every command are the file's."""
+    (work / "site").mkdir()
+    (work / "site" / "sitecustomize.py").write_text(HEARTBEAT_10S)
+    spec = yaml.safe_load(text)
+    for name, service in spec["services"].items():
+        if name.startswith("supernode-"):
+            service["volumes"].append("./site:/site:ro")
+            service["environment"] = {**service.get("environment", {}), "PYTHONPATH": "/site"}
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
 @pytest.fixture(scope="module")
 def stack(daemon, tmp_path_factory):
     base = image.make_base(daemon)
     image.prepare_wheels("cpu")
     tag = image.build(daemon, base, "pflower:compose-test")
     work = tmp_path_factory.mktemp("compose")
-    (work / "compose.yaml").write_text(compose.compose_text(NODES, context=str(ROOT)))
+    spec = compose.compose_text(NODES, context=str(ROOT))
+    (work / "compose.yaml").write_text(with_10s_heartbeat(spec, work))
     netns.main(["certs", "--pki", str(work / "pki"), "--nodes", str(NODES)])
     (work / "outputs").mkdir()
     for path in [work / "outputs", *(work / "pki").rglob("*")]:
@@ -185,6 +204,7 @@ def test_a_job_runs_to_completed_and_a_killed_node_resumes_from_its_volume(stack
     assert all(set(m) <= {VICTIM} for m in missing) and VICTIM in missing[1] + missing[2], why
     assert rows[1]["seconds"] < 90 + 30, why
     assert sorted(int(c) for c in rows[3]["per_client_accuracy"]) == list(range(NODES))
+    assert stack.logs(victim).count("SuperNode heartbeat interval 10 s") == 2  # before and after the kill
     restarted = stack.logs(victim).split("Starting Flower SuperNode")[-1]
     assert f"read from /state/client-{VICTIM}/personal.npz" in restarted, restarted[-3000:]
     listed = subprocess.run(["flwr", "ls", "pflower-netns", "--format", "json"], env=stack.flwr_env,

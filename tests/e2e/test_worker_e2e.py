@@ -1,11 +1,13 @@
 """The long-lived ClientApp worker (deploy/worker.py) in the namespace deployment.
 
-- Ditto over 2 rounds (personal state carried from round to round on each node) gives
-  exactly what the same job gives in-process (tests/fake_grid.py: every client's messages in
-  one process, a fresh context each): the same metrics every round and the same personal
-  models on disk, bit for bit; every message of a node ran in its one worker process. (The
-  reference was a second deployment in Flower's default isolation, a fresh ``flwr-clientapp``
-  per message: ~2.5 min of the suite for what the in-process run shows in 20 s.)
+- Ditto over 2 rounds, 8 clients on the 4 SuperNodes (personal state carried from round to
+  round on each node) gives exactly what the same job gives in-process (tests/fake_grid.py:
+  every client's messages in one process, a fresh context each): the same metrics every round
+  and the same personal models on disk, bit for bit; every message of a node ran in its one
+  worker process, and a node's two clients travelled in one bundled message a phase
+  (task/core/bundles.py) over the real transport. (The reference was a second deployment in
+  Flower's default isolation, a fresh ``flwr-clientapp`` per message: ~2.5 min of the suite
+  for what the in-process run shows in 20 s.)
 - A second run whose code changed runs the new code (the worker re-execs for a new run: the
   old modules would stay in ``sys.modules`` otherwise).
 - A worker killed while it runs a message is restarted by its supervisor; the SuperNode
@@ -35,7 +37,8 @@ from .test_deployment import NETNS, NODES, TINY, UNAVAILABLE, UP, _saved_states,
 
 pytestmark = [pytest.mark.slow, NETWORK, pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))]
 BASE = f"{TINY} strategy=ditto local_epochs=1"
-DITTO = f"{BASE} num_rounds=2 eval_every=2"
+CLIENTS = 2 * NODES  # two a node (TINY's 2 domains x 4): a phase's messages to a node go as one bundle
+DITTO = f"{BASE} dataset.clients_per_domain=4 num_rounds=2 eval_every=2"
 VARYING = {"seconds"}  # a row's keys that may differ between two runs of the same job
 MARKER = "pflower test: the changed ClientApp"
 
@@ -71,8 +74,8 @@ def states(state_dirs: dict[int, Path]) -> dict[int, dict[str, tuple[int, str]]]
 
 
 def node_states(lab: Path) -> dict[int, dict[str, tuple[int, str]]]:
-    """``states`` of every client, in its node's state directory."""
-    return states({c: lab / f"node-{c}" / "state" / f"client-{c}" for c in range(NODES)})
+    """``states`` of every client, in the state directory of the node that hosts it."""
+    return states({int(d.name.removeprefix("client-")): d for d in lab.glob("node-*/state/client-*")})
 
 
 def down(root: Path) -> None:
@@ -88,7 +91,7 @@ def reference(tmp_path_factory):
     runner = InProcessRunner(root)
     out = runner.run("run", f"{DITTO} client_state_dir={root / 'state'}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows, states({c: root / "state" / f"client-{c}" for c in range(NODES)})
+    return rows, states({c: root / "state" / f"client-{c}" for c in range(CLIENTS)})
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +113,14 @@ def test_worker_gives_what_the_in_process_run_gives(reference, lab):
     ref_rows, ref_states = reference
     assert [{k: v for k, v in r.items() if k not in VARYING} for r in rows] == \
            [{k: v for k, v in r.items() if k not in VARYING} for r in ref_rows]
-    assert node_states(lab) == ref_states and all(ref_states.values())
+    assert node_states(lab) == ref_states and all(ref_states.values()) and len(ref_states) == CLIENTS
+    assert sorted(int(c) for c in rows[-1]["per_client_accuracy"]) == list(range(CLIENTS))
     for node in range(NODES):  # one worker process ran every message of the node
         text = node_log(lab, node)
         assert text.count("serving ClientApp tasks") == 1, text[-3000:]
         assert text.count("pflower worker: done in") == text.count("Receiving:") >= 3
+        # Two rounds: two train messages at every node, not four (one per client and round).
+        assert text.count("Receiving: train message") == 2, text[-3000:]
 
 
 TOP_LEVEL_SKIPPED = {".venv", ".git", "outputs", "data", "docker", "tests", "bench", "sweeps", "multirun"}
