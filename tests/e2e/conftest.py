@@ -103,10 +103,3 @@ def flwr_runner(tmp_path_factory):
     yield runner
     stop_local_superlink(flwr_home)
 
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The compose tests last (a stable sort): their image is what .ci/run builds in the
-    background meanwhile (``deploy/image.py prepare``), and the network tests' chain, one
-    worker's under ``--dist loadgroup``, starts with the namespace deployments instead."""
-    items.sort(key=lambda item: "e2e/test_compose.py" in item.nodeid)

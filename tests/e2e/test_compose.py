@@ -3,7 +3,7 @@
 The image is built offline (deploy/image.py): a Debian base made with debootstrap and imported
 (cached in ~/.cache/pflower-docker), the dependencies from wheels downloaded on the host and
 installed with ``--no-index`` under CI's pins (the CPU torch of pip's ``find-links``
-directory); .ci/run builds it in the background while the other tests run
+directory); .ci/run builds it in the background while the tests outside tests/e2e run
 (``deploy/image.py prepare``). The compose file is the one deploy/compose.py writes as
 docker/compose.yaml, for 4 SuperNodes instead of 10 (the tiny job's 4 clients), with the
 repository's absolute path as build context and the SuperNodes' 10 s heartbeat of
