@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -18,8 +21,6 @@ from task.engine.rounds import Engine
 
 from .fake_grid import FakeGrid
 from .helpers import TINY, make_context, server, tiny_cfg
-
-VICTIM = 0  # the node whose first train reply gets corrupted
 
 
 def _replace_arrays(msg: Message, reply: Message, change) -> Message:
@@ -86,52 +87,86 @@ def _error_reply(msg: Message, reply: Message) -> Message:
     return out
 
 
-def _run_one_round(name: str, kind: str | None):
-    """Round 1 of ``name`` on 4 clients with node VICTIM's train reply corrupted by ``kind``.
-
-    Returns the strategy, the round's row and the untouched train replies of the others.
-    """
-    honest: list[TrainReply] = []
-
-    def tamper(msg, reply):
-        if msg.metadata.message_type != "train":
-            return reply
-        cid = msg.metadata.dst_node_id - 100
-        if cid != VICTIM:
-            m = reply.content.metric_records[METRICS]
-            honest.append(TrainReply(cid, from_record(reply.content.array_records[ARRAYS]),
-                                     int(m["num-examples"]), dict(m)))
-            return reply
-        return MALFORMED[kind](msg, reply)
-
-    st = server(tiny_cfg(f"strategy={name}"))
-    run = Engine(st)
-    grid = FakeGrid(4, f"{TINY} strategy={name}", tamper=tamper)
-    run.discover(grid, 10)
-    row = run.run_round(grid, 1, timeout=10, evaluate=False)
-    return st, row, honest
-
-
 # Validation is the engine's, the same for every method but for the spec a method expects:
 # every kind for these methods (each kind of upload: models, updates, float entries, bundles,
 # a factorised downlink, a shared part, an interpolation), a few kinds for the others.
 EVERY_KIND = {"clustered", "clustered_per_client", "ditto", "fedavg", "fedavg_ft", "fedbn", "fedclup",
               "fedprox", "fedslr", "ifca", "lgmix", "local", "pfml", "fedper", "apfl"}
 FEW_KINDS = ("nan", "missing_key", "extra_key", "client_raised")
+# What local uploads (no arrays): nothing else to corrupt.
+LOCAL_KINDS = {"extra_key", "missing_arrays_record", "missing_metrics_record", "negative_num_examples",
+               "zero_num_examples", "client_raised", "huge_num_examples", "float_num_examples", "nan_metric"}
 CASES = [(name, kind) for name in sorted(REGISTRY) for kind in sorted(MALFORMED)
          if name in EVERY_KIND or kind in FEW_KINDS]
+HONEST = 3  # clients 0-2 answer as they should (and a fourth where the domains need one)
+
+
+def _kinds(name: str) -> list[str]:
+    return [k for n, k in CASES if n == name and (name != "local" or k in LOCAL_KINDS)]
+
+
+@functools.cache
+def _round_with_every_kind(name: str):
+    """Round 1 of ``name`` with client ``HONEST + i``'s train reply corrupted by the i-th of
+    ``_kinds(name)``: one round a method (each client's data a share of TINY's two domains).
+
+    Returns the strategy, the round's row, the untouched train replies of the others, the
+    corrupted clients by kind, the clients the engine logged as rejected, the overrides and
+    the number of clients.
+    """
+    kinds = _kinds(name)
+    per_domain = -(-(HONEST + len(kinds)) // 2)
+    corrupted = {kind: HONEST + i for i, kind in enumerate(kinds)}
+    by_client = {cid: kind for kind, cid in corrupted.items()}
+    honest: list[TrainReply] = []
+
+    def tamper(msg, reply):
+        if msg.metadata.message_type != "train":
+            return reply
+        cid = msg.metadata.dst_node_id - 100
+        if cid not in by_client:
+            m = reply.content.metric_records[METRICS]
+            honest.append(TrainReply(cid, from_record(reply.content.array_records[ARRAYS]),
+                                     int(m["num-examples"]), dict(m)))
+            return reply
+        return MALFORMED[by_client[cid]](msg, reply)
+
+    overrides = f"strategy={name} dataset.clients_per_domain={per_domain}"
+    st = server(tiny_cfg(overrides))
+    run = Engine(st)
+    grid = FakeGrid(2 * per_domain, f"{TINY} {overrides}", tamper=tamper)
+    rejected = _RejectedClients()
+    logging.getLogger("flwr").addHandler(rejected)
+    try:
+        run.discover(grid, 10)
+        row = run.run_round(grid, 1, timeout=10, evaluate=False)
+    finally:
+        logging.getLogger("flwr").removeHandler(rejected)
+    return st, row, honest, corrupted, rejected.clients, overrides, 2 * per_domain
+
+
+class _RejectedClients(logging.Handler):
+    """The clients of the engine's "rejected reply from client N" warnings."""
+
+    def __init__(self):
+        super().__init__()
+        self.clients: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.match(r"rejected reply from client (\d+):", record.getMessage())
+        if found:
+            self.clients.append(int(found.group(1)))
 
 
 @pytest.mark.parametrize("name,kind", CASES)
 def test_malformed_reply_is_dropped_and_the_aggregate_is_that_of_the_valid_ones(name, kind):
-    if name == "local" and kind not in {"extra_key", "missing_arrays_record", "missing_metrics_record",
-                                        "negative_num_examples", "zero_num_examples", "client_raised",
-                                        "huge_num_examples", "float_num_examples", "nan_metric"}:
+    if name == "local" and kind not in LOCAL_KINDS:
         pytest.skip("local uploads no arrays: nothing to corrupt")
-    st, row, honest = _run_one_round(name, kind)
-    assert row["rejected_replies"] == 1, kind
-    assert sorted(r.cid for r in honest) == [1, 2, 3]
-    expected = server(tiny_cfg(f"strategy={name}"))
+    st, row, honest, corrupted, rejected, overrides, clients = _round_with_every_kind(name)
+    assert rejected.count(corrupted[kind]) == 1, (kind, rejected)  # this kind's client, once
+    assert sorted(rejected) == sorted(corrupted.values()) and row["rejected_replies"] == len(corrupted)
+    assert sorted(r.cid for r in honest) == [c for c in range(clients) if c not in corrupted.values()]
+    expected = server(tiny_cfg(overrides))
     for reply in honest:  # the same sends as the round made (a cluster method notes who got what)
         expected.train_arrays(reply.cid, 1)
     expected.aggregate_replies(1, honest)
