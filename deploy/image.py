@@ -274,8 +274,8 @@ def prepare(tag: str, torch: str = "cpu") -> str:
     """Base, wheels and ``tag`` built on a daemon of our own, stopped again: the cache warmed."""
     root = Path(tempfile.mkdtemp(prefix="pfd-prep-", dir="/tmp"))  # a short socket path
     daemon = Dockerd(root)
-    daemon.start()
-    try:
+    try:  # the socket's folder goes whether or not the daemon started
+        daemon.start()
         base = make_base(daemon)
         prepare_wheels(torch)
         return build(daemon, base, tag)

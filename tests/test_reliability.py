@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -105,15 +106,24 @@ def _kinds(name: str) -> list[str]:
     return [k for n, k in CASES if n == name and (name != "local" or k in LOCAL_KINDS)]
 
 
-@functools.cache
-def _round_with_every_kind(name: str):
-    """Round 1 of ``name`` with client ``HONEST + i``'s train reply corrupted by the i-th of
-    ``_kinds(name)``: one round a method (each client's data a share of TINY's two domains).
+@dataclass(frozen=True)
+class MalformedRound:
+    """Round 1 of a method with one client's train reply corrupted by each kind."""
 
-    Returns the strategy, the round's row, the untouched train replies of the others, the
-    corrupted clients by kind, the clients the engine logged as rejected, the overrides and
-    the number of clients.
-    """
+    row: dict
+    corrupted: dict[str, int]  # kind -> the client whose reply it corrupted
+    rejected: list[int]  # the clients of the engine's "rejected reply from client N" warnings
+    honest: list[int]  # the clients whose replies went through untouched
+    clients: int
+    global_state: dict[str, torch.Tensor]  # what the round aggregated
+    expected_state: dict[str, torch.Tensor]  # the honest replies aggregated by a fresh strategy
+
+
+@functools.cache
+def _round_with_every_kind(name: str) -> MalformedRound:
+    """Round 1 of ``name`` with client ``HONEST + i``'s train reply corrupted by the i-th of
+    ``_kinds(name)``: one round a method (each client's data a share of TINY's two domains),
+    and the honest replies aggregated by a fresh strategy beside it."""
     kinds = _kinds(name)
     per_domain = -(-(HONEST + len(kinds)) // 2)
     corrupted = {kind: HONEST + i for i, kind in enumerate(kinds)}
@@ -142,7 +152,12 @@ def _round_with_every_kind(name: str):
         row = run.run_round(grid, 1, timeout=10, evaluate=False)
     finally:
         logging.getLogger("flwr").removeHandler(rejected)
-    return st, row, honest, corrupted, rejected.clients, overrides, 2 * per_domain
+    expected = server(tiny_cfg(overrides))
+    for reply in honest:  # the same sends as the round made (a cluster method notes who got what)
+        expected.train_arrays(reply.cid, 1)
+    expected.aggregate_replies(1, honest)
+    return MalformedRound(row, corrupted, rejected.clients, sorted(r.cid for r in honest), 2 * per_domain,
+                          st.global_state, expected.global_state)
 
 
 class _RejectedClients(logging.Handler):
@@ -162,17 +177,14 @@ class _RejectedClients(logging.Handler):
 def test_malformed_reply_is_dropped_and_the_aggregate_is_that_of_the_valid_ones(name, kind):
     if name == "local" and kind not in LOCAL_KINDS:
         pytest.skip("local uploads no arrays: nothing to corrupt")
-    st, row, honest, corrupted, rejected, overrides, clients = _round_with_every_kind(name)
-    assert rejected.count(corrupted[kind]) == 1, (kind, rejected)  # this kind's client, once
-    assert sorted(rejected) == sorted(corrupted.values()) and row["rejected_replies"] == len(corrupted)
-    assert sorted(r.cid for r in honest) == [c for c in range(clients) if c not in corrupted.values()]
-    expected = server(tiny_cfg(overrides))
-    for reply in honest:  # the same sends as the round made (a cluster method notes who got what)
-        expected.train_arrays(reply.cid, 1)
-    expected.aggregate_replies(1, honest)
-    assert set(st.global_state) == set(expected.global_state)
-    for key, value in expected.global_state.items():
-        assert torch.equal(st.global_state[key], value), (kind, key)
+    got = _round_with_every_kind(name)
+    assert got.rejected.count(got.corrupted[kind]) == 1, (kind, got.rejected)  # this kind's client, once
+    assert sorted(got.rejected) == sorted(got.corrupted.values())
+    assert got.row["rejected_replies"] == len(got.corrupted)
+    assert got.honest == [c for c in range(got.clients) if c not in got.corrupted.values()]
+    assert set(got.global_state) == set(got.expected_state)
+    for key, value in got.expected_state.items():
+        assert torch.equal(got.global_state[key], value), (kind, key)
 
 
 def test_all_clients_failing_skips_the_round_without_crashing():

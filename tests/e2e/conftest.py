@@ -102,4 +102,3 @@ def flwr_runner(tmp_path_factory):
     runner = FlwrRunner(flwr_home, tmp_path_factory.mktemp("runs"))
     yield runner
     stop_local_superlink(flwr_home)
-
